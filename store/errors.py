@@ -1,0 +1,9 @@
+"""Errors the store raises: one-line messages meant for the user, not tracebacks."""
+
+
+class StoreError(Exception):
+    """Anything the user can act on: a bad reference, a missing dataset, a refused query."""
+
+
+class ParentMoved(StoreError):
+    """Another commit landed first: the caller's expected parent is no longer the latest version."""
