@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,8 +62,15 @@ def locate(name: str) -> Path:
 
 
 def _file_digest(path: Path) -> str:
+    st = path.stat()
+    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, remembered while its size and mtime stay the same."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -122,16 +130,23 @@ def fingerprint(name: str) -> str:
     return f"{Path(name).name}@sha256:{digest[:16]}"
 
 
-def load_causal_lm(name: str):
-    """(model, tokenizer) in eval mode, float32, tokenizer padding on the left."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(name: str):
+    """The model's tokenizer, padding on the left (generation appends on the right)."""
+    from transformers import AutoTokenizer
 
-    folder = resolve_causal_lm(name)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_causal_lm(name))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+    return tokenizer
+
+
+def load_causal_lm(name: str):
+    """(model, tokenizer) in eval mode, float32, tokenizer padding on the left."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name)
+    model = AutoModelForCausalLM.from_pretrained(resolve_causal_lm(name), dtype="float32")
     model.eval()
     return model, tokenizer
 

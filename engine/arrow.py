@@ -1,0 +1,25 @@
+"""Token arrays <-> Arrow list columns, built from flat numpy buffers (no Python loops per value)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def _offsets(lengths: list[int]) -> pa.Array:
+    return pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
+
+
+def list_column(arrays: list[np.ndarray], dtype) -> pa.ListArray:
+    """One list per row from 1-d arrays: list<dtype>."""
+    flat = np.concatenate(arrays).astype(dtype) if arrays else np.empty(0, dtype)
+    return pa.ListArray.from_arrays(_offsets([len(a) for a in arrays]), pa.array(flat))
+
+
+def nested_list_column(arrays: list[np.ndarray], dtype) -> pa.ListArray:
+    """One list of lists per row from 2-d [n, k] arrays: list<list<dtype>>."""
+    rows = [a.reshape(len(a), -1) for a in arrays]
+    inner_lengths = [a.shape[1] for a in rows for _ in range(len(a))]
+    flat = np.concatenate([a.reshape(-1) for a in rows]).astype(dtype) if rows else np.empty(0, dtype)
+    inner = pa.ListArray.from_arrays(_offsets(inner_lengths), pa.array(flat))
+    return pa.ListArray.from_arrays(_offsets([len(a) for a in rows]), inner)

@@ -1,0 +1,76 @@
+"""Per-row cache of teacher answers, keyed by content.
+
+key = sha256(teacher fingerprint, generation parameters, the exact prompt sent).
+Each batch is committed as soon as it is answered, so an interrupted run resumes
+without paying again for any completed teacher call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from engine.teachers import TeacherOutput
+
+
+def request_key(fingerprint: str, params: dict, prompt: str) -> str:
+    payload = json.dumps([fingerprint, params, prompt], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class TeacherCache:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=60)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT, k INTEGER,"
+            " token_ids BLOB, token_logprobs BLOB, topk_ids BLOB, topk_logprobs BLOB)"
+        )
+        self.db.commit()
+
+    def get_many(self, keys: list[str]) -> dict[str, TeacherOutput]:
+        found = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.db.execute(f"SELECT * FROM answers WHERE key IN ({marks})", chunk):
+                found[row[0]] = _decode(row)
+        return found
+
+    def put_many(self, items: dict[str, TeacherOutput]) -> None:
+        with self.db:  # one transaction per batch: all of it or none
+            self.db.executemany(
+                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [_encode(key, out) for key, out in items.items()],
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _encode(key: str, out: TeacherOutput) -> tuple:
+    return (
+        key,
+        out.text,
+        int(out.topk_ids.shape[1]) if out.topk_ids.ndim == 2 else 0,
+        out.token_ids.astype(np.int32).tobytes(),
+        out.token_logprobs.astype(np.float32).tobytes(),
+        out.topk_ids.astype(np.int32).tobytes(),
+        out.topk_logprobs.astype(np.float16).tobytes(),
+    )
+
+
+def _decode(row: tuple) -> TeacherOutput:
+    _, text, k, ids, lps, top_ids, top_lps = row
+    return TeacherOutput(
+        text=text,
+        token_ids=np.frombuffer(ids, dtype=np.int32),
+        token_logprobs=np.frombuffer(lps, dtype=np.float32),
+        topk_ids=np.frombuffer(top_ids, dtype=np.int32).reshape(-1, k),
+        topk_logprobs=np.frombuffer(top_lps, dtype=np.float16).reshape(-1, k),
+    )

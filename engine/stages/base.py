@@ -1,0 +1,71 @@
+"""The stage contract: run(frame, ctx) -> (kept, rejected, stats).
+
+A stage is pure given its inputs. Rows it drops go to `rejected` with the columns of
+REJECTION_SCHEMA, so the store's `rejections` table says why every row is out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import polars as pl
+
+REJECTION_SCHEMA = {
+    "prompt_id": pl.String,
+    "parent_id": pl.String,
+    "source": pl.String,
+    "category": pl.String,
+    "prompt": pl.String,
+    "label": pl.String,
+    "stage": pl.String,
+    "reason": pl.String,
+}
+
+
+class StageError(Exception):
+    """Input a stage cannot work with; one line naming the file, line or spec field."""
+
+
+@dataclass
+class RunContext:
+    spec: Any
+    cache_dir: Path
+    progress: bool = True
+    teacher: Any = None  # loaded lazily by the teach stage, reused by later stages
+    counters: dict = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    name: str
+
+    def run(self, frame: pl.DataFrame, ctx: RunContext) -> tuple[pl.DataFrame, pl.DataFrame, dict]: ...
+
+
+def normalise_prompt(text: str) -> str:
+    """The form whose hash is a prompt's identity: NFKC, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def prompt_id(text: str) -> str:
+    return hashlib.sha256(normalise_prompt(text).encode()).hexdigest()
+
+
+def seeded_unit(seed: int, key: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, key): stable across runs and machines."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def rejections(frame: pl.DataFrame, stage: str, reasons: pl.Series | str) -> pl.DataFrame:
+    """Rows of `frame` as rejection records of `stage`."""
+    reason = reasons if isinstance(reasons, pl.Series) else pl.Series([reasons] * frame.height, dtype=pl.String)
+    out = frame.with_columns(stage=pl.lit(stage), reason=reason.alias("reason"))
+    return out.select([pl.col(c).cast(t) if c in out.columns else pl.lit(None, t).alias(c) for c, t in REJECTION_SCHEMA.items()])
+
+
+def no_rejections() -> pl.DataFrame:
+    return pl.DataFrame(schema=REJECTION_SCHEMA)

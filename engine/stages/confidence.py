@@ -1,0 +1,74 @@
+"""Confidence: per-row measures of how sure the teacher was, stored as conf_* columns.
+
+Scores are stored, decisions are made later by mining, so changing the band never
+re-runs the teacher. All measures come from the stored T=1 log-probs:
+
+- mean_token_prob / min_token_prob: over every generated token (eos included)
+- answer_prob: joint probability of the answer tokens (after the answer marker, or the
+  whole response without one; eos excluded)
+- margin: mean gap between the top-1 and top-2 token probabilities
+- entropy: mean per-token entropy over the top-k plus one tail bucket (a lower bound)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+
+from engine.models import load_tokenizer
+from engine.spec import CONFIDENCE_MEASURES
+from engine.stages.base import RunContext, no_rejections
+
+
+def answer_start(tokenizer, ids: list[int], marker: str | None) -> int:
+    """Index of the first answer token: just after the last answer marker, else 0."""
+    if not marker:
+        return 0
+    total = tokenizer.decode(ids).count(marker)
+    if total == 0:
+        return 0
+    lo, hi = 1, len(ids)  # smallest prefix that already holds every marker
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tokenizer.decode(ids[:mid]).count(marker) >= total:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def row_measures(token_lp: np.ndarray, top_lp: np.ndarray, answer_from: int, eos_last: bool) -> dict:
+    probs = np.exp(token_lp.astype(np.float64))
+    top = np.exp(top_lp.astype(np.float64))
+    answer_lp = token_lp[answer_from : len(token_lp) - (1 if eos_last else 0)]
+    tail = np.clip(1.0 - top.sum(axis=1), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -(np.where(top > 0, top * np.log(top), 0.0).sum(axis=1)) - np.where(tail > 0, tail * np.log(tail), 0.0)
+    return {
+        "conf_mean_token_prob": float(probs.mean()) if len(probs) else None,
+        "conf_min_token_prob": float(probs.min()) if len(probs) else None,
+        "conf_answer_prob": math.exp(float(answer_lp.sum())) if len(answer_lp) else None,
+        "conf_margin": float((top[:, 0] - top[:, 1]).mean()) if top.shape[0] and top.shape[1] > 1 else None,
+        "conf_entropy": float(ent.mean()) if len(ent) else None,
+    }
+
+
+class Confidence:
+    name = "confidence"
+
+    def run(self, frame: pl.DataFrame, ctx: RunContext):
+        spec = ctx.spec
+        tokenizer = load_tokenizer(spec.teacher.model)
+        marker = spec.teacher.reasoning.answer_marker if spec.teacher.reasoning else None
+        eos = tokenizer.eos_token_id
+        measures = []
+        for ids, lps, top in zip(frame["token_ids"], frame["token_logprobs"], frame["topk_logprobs"]):
+            ids = ids.to_list()
+            top_lp = np.asarray(top.cast(pl.List(pl.Float32)).to_list(), dtype=np.float32).reshape(len(ids), -1)
+            measures.append(row_measures(lps.to_numpy(), top_lp, answer_start(tokenizer, ids, marker),
+                                         eos_last=bool(ids) and ids[-1] == eos))
+        scores = pl.DataFrame(measures, schema={f"conf_{m}": pl.Float64 for m in CONFIDENCE_MEASURES})
+        stats = {"rows": frame.height}
+        return pl.concat([frame, scores], how="horizontal"), no_rejections(), stats

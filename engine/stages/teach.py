@@ -1,0 +1,101 @@
+"""Teach: send each row's teacher_prompt to the teacher; keep the response and its top-k.
+
+Answers are cached per row by content, so a re-run or a resumed run never pays twice,
+and the teacher is not even loaded when every answer is cached.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from engine.answers import split_answer
+from engine.arrow import list_column, nested_list_column
+from engine.cache import TeacherCache, request_key
+from engine.stages.base import RunContext, no_rejections
+from engine.teachers import load_teacher, teacher_fingerprint
+from engine.templates import load_template, render
+
+import numpy as np
+
+
+def teacher_prompts(frame: pl.DataFrame, spec) -> list[str]:
+    """What the teacher is asked: the row through teacher.prompt, plus the reasoning suffix."""
+    template = load_template(spec.resolve_path(spec.teacher.prompt)) if spec.teacher.prompt else None
+    suffix = spec.teacher.reasoning.suffix if spec.teacher.reasoning else ""
+    rows = frame.to_dicts()
+    texts = [render(template, row) if template else row["prompt"] for row in rows]
+    return [text + suffix for text in texts]
+
+
+def generation_params(spec) -> dict:
+    t = spec.teacher
+    return {"generation": t.generation.model_dump(), "top_k": t.logprobs.top_k}
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), disable=not enabled,
+    )
+
+
+class Teach:
+    name = "teach"
+
+    def run(self, frame: pl.DataFrame, ctx: RunContext):
+        spec = ctx.spec
+        prompts = teacher_prompts(frame, spec)
+        fingerprint = teacher_fingerprint(spec.teacher)
+        params = generation_params(spec)
+        keys = [request_key(fingerprint, params, p) for p in prompts]
+        cache = TeacherCache(ctx.cache_dir / "teacher.sqlite")
+        try:
+            answers = cache.get_many(keys)
+            todo = sorted({k: p for k, p in zip(keys, prompts) if k not in answers}.items())
+            ctx.counters["teacher_calls"] = ctx.counters.get("teacher_calls", 0) + len(todo)
+            if todo:
+                answers.update(self._ask(todo, ctx, cache))
+        finally:
+            cache.close()
+        outputs = [answers[k] for k in keys]
+        stats = {"rows": frame.height, "cached": frame.height - len(todo), "teacher_calls": len(todo),
+                 "generated_tokens": int(sum(len(o.token_ids) for o in outputs))}
+        return self._attach(frame, prompts, outputs, spec), no_rejections(), stats
+
+    def _ask(self, todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache) -> dict:
+        if ctx.teacher is None:
+            ctx.teacher = load_teacher(ctx.spec.teacher)
+        answers = {}
+        # Commit to the cache every few batches: an interrupt loses at most one chunk.
+        chunk = ctx.spec.teacher.batch_size * 4
+        with progress_bar(ctx.progress) as bar:
+            task = bar.add_task("teach", total=len(todo))
+            for start in range(0, len(todo), chunk):
+                part = todo[start : start + chunk]
+                outs = ctx.teacher.generate([p for _, p in part], on_batch=lambda n: bar.advance(task, n))
+                fresh = {k: o for (k, _), o in zip(part, outs)}
+                cache.put_many(fresh)
+                answers.update(fresh)
+        return answers
+
+    @staticmethod
+    def _attach(frame: pl.DataFrame, prompts: list[str], outputs, spec) -> pl.DataFrame:
+        marker = spec.teacher.reasoning.answer_marker if spec.teacher.reasoning else None
+        split = [split_answer(o.text, marker) for o in outputs]
+        tokens = pa.table({
+            "token_ids": list_column([o.token_ids for o in outputs], np.int32),
+            "token_logprobs": list_column([o.token_logprobs for o in outputs], np.float32),
+            "topk_ids": nested_list_column([o.topk_ids for o in outputs], np.int32),
+            "topk_logprobs": nested_list_column([o.topk_logprobs for o in outputs], np.float16),
+        })
+        return pl.concat([
+            frame.with_columns(
+                teacher_prompt=pl.Series(prompts, dtype=pl.String),
+                response=pl.Series([o.text for o in outputs], dtype=pl.String),
+                reasoning=pl.Series([r for r, _ in split], dtype=pl.String),
+                answer=pl.Series([a for _, a in split], dtype=pl.String),
+            ),
+            pl.from_arrow(tokens),
+        ], how="horizontal")

@@ -1,0 +1,147 @@
+"""Stages on small frames, with exact expected outcomes."""
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from engine.answers import normalise_answer, split_answer
+from engine.spec import Mining, Source, Splits
+from engine.stages.base import RunContext, StageError, prompt_id
+from engine.stages.confidence import row_measures
+from engine.stages.mine import Mine
+from engine.stages.sources import read_source
+from engine.stages.split import Split
+
+
+class FakeSpec:
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+
+def ctx(**parts) -> RunContext:
+    return RunContext(spec=FakeSpec(**parts), cache_dir=None, progress=False)
+
+
+# --- sources -------------------------------------------------------------------
+
+def test_jsonl_rows_get_identity_and_columns(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"q": "Is it good?", "a": "yes", "c": "x"}\n\n{"q": "  Is   it good? ", "a": 1}\n')
+    rows = read_source(Source(path=str(path), text="q", label="a", category="c"), path)
+    assert [r["label"] for r in rows] == ["yes", "1"]
+    assert rows[0]["prompt_id"] == rows[1]["prompt_id"] == prompt_id("Is it good?")
+    assert rows[0]["parent_id"] == rows[0]["prompt_id"]
+    assert rows[1]["category"] is None
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"q": "a"}\n{"q": oops}\n', ":2: invalid JSON"),
+    ('{"q": "a"}\n{"other": "b"}\n', ":2: no 'q' field"),
+    ('{"q": "   "}\n', ":1: empty or non-text 'q' field"),
+    ('["q"]\n', ":1: expected a JSON object, got list"),
+    ("", ": source has no rows"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, content, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(StageError) as info:
+        read_source(Source(path=str(path), text="q"), path)
+    assert str(info.value) == f"{path}{expected}" or str(info.value).startswith(f"{path}{expected}")
+
+
+def test_non_utf8_jsonl_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"q": "fine"}\n{"q": "caf\xe9"}\n')
+    with pytest.raises(StageError, match=r"bad.jsonl:2: not UTF-8"):
+        read_source(Source(path=str(path), text="q"), path)
+
+
+def test_csv_source_and_missing_label_column(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text('text,gold\n"Hello, world",pos\nBye,neg\n')
+    rows = read_source(Source(path=str(path), text="text", label="gold"), path)
+    assert [(r["prompt"], r["label"]) for r in rows] == [("Hello, world", "pos"), ("Bye", "neg")]
+    with pytest.raises(StageError, match="no row has the label column 'answer'"):
+        read_source(Source(path=str(path), text="text", label="answer"), path)
+
+
+def test_missing_source_file(tmp_path):
+    with pytest.raises(StageError, match="no such source file"):
+        read_source(Source(path="x.jsonl"), tmp_path / "x.jsonl")
+
+
+# --- mining ----------------------------------------------------------------------
+
+def frame_with_scores(scores):
+    ids = [prompt_id(f"p{i}") for i in range(len(scores))]
+    return pl.DataFrame({"prompt_id": ids, "parent_id": ids, "prompt": [f"p{i}" for i in range(len(scores))],
+                         "conf_mean_token_prob": scores}, schema_overrides={"conf_mean_token_prob": pl.Float64})
+
+
+def test_mining_keeps_band_plus_exact_seeded_share():
+    scores = [i / 100 for i in range(100)]  # 0.00 .. 0.99
+    frame = frame_with_scores(scores)
+    mine = Mining(confidence="mean_token_prob", band=(0.6, 0.85), outside_band_keep=0.1, seed=3)
+    kept, rejected, stats = Mine().run(frame, ctx(mining=mine))
+    in_band = {pid for pid, s in zip(frame["prompt_id"], scores) if 0.6 <= s <= 0.85}
+    assert len(in_band) == 26
+    assert in_band <= set(kept["prompt_id"])
+    assert kept.height == 26 + round(0.1 * 74)
+    assert rejected.height == 100 - kept.height
+    assert set(kept["prompt_id"]).isdisjoint(rejected["prompt_id"])
+    assert (rejected["stage"] == "mine").all()
+    assert rejected["reason"][0].startswith("conf_mean_token_prob ") and "outside band [0.6, 0.85]" in rejected["reason"][0]
+    again, _, _ = Mine().run(frame.reverse(), ctx(mining=mine))
+    assert again["prompt_id"].to_list() == kept["prompt_id"].to_list()  # seeded, order-free
+    other, _, _ = Mine().run(frame, ctx(mining=mine.model_copy(update={"seed": 4})))
+    assert set(other["prompt_id"]) != set(kept["prompt_id"])
+
+
+def test_mining_rejects_missing_scores():
+    frame = frame_with_scores([0.7, None])
+    kept, rejected, _ = Mine().run(frame, ctx(mining=Mining(band=(0.5, 1.0))))
+    assert kept.height == 1 and rejected["reason"].to_list() == ["conf_mean_token_prob missing"]
+
+
+# --- splits ----------------------------------------------------------------------
+
+def test_splits_are_deterministic_and_follow_shares():
+    frame = frame_with_scores([0.5] * 2000)
+    splits = Splits(train=0.8, val=0.1, test=0.1, seed=1)
+    first, _, stats = Split().run(frame, ctx(splits=splits))
+    second, _, _ = Split().run(frame.reverse(), ctx(splits=splits))
+    assert dict(zip(first["prompt_id"], first["split"])) == dict(zip(second["prompt_id"], second["split"]))
+    assert abs(stats["train"] / 2000 - 0.8) < 0.04 and stats["val"] > 100 and stats["test"] > 100
+
+
+def test_splits_group_by_parent():
+    frame = pl.DataFrame({"prompt_id": [f"c{i}" for i in range(50)], "parent_id": ["p"] * 25 + ["q"] * 25})
+    out, _, _ = Split().run(frame, ctx(splits=Splits(group_by="parent_id")))
+    assert out.group_by("parent_id").agg(pl.col("split").n_unique())["split"].to_list() == [1, 1]
+
+
+# --- confidence and answers --------------------------------------------------------
+
+def test_confidence_measures():
+    token_lp = np.log(np.array([0.9, 0.5, 0.8], dtype=np.float32))
+    top = np.log(np.array([[0.9, 0.05], [0.5, 0.3], [0.8, 0.1]], dtype=np.float32))
+    m = row_measures(token_lp, top, answer_from=1, eos_last=True)
+    assert m["conf_mean_token_prob"] == pytest.approx((0.9 + 0.5 + 0.8) / 3, rel=1e-5)
+    assert m["conf_min_token_prob"] == pytest.approx(0.5, rel=1e-5)
+    assert m["conf_answer_prob"] == pytest.approx(0.5, rel=1e-5)  # token 1 only: eos excluded
+    assert m["conf_margin"] == pytest.approx((0.85 + 0.2 + 0.7) / 3, rel=1e-5)
+    first = -(0.9 * math.log(0.9) + 0.05 * math.log(0.05) + 0.05 * math.log(0.05))
+    assert m["conf_entropy"] > 0 and m["conf_entropy"] == pytest.approx(
+        (first + -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2))
+         + -(0.8 * math.log(0.8) + 0.1 * math.log(0.1) + 0.1 * math.log(0.1))) / 3, rel=1e-4)
+
+
+def test_answers_split_and_normalise():
+    assert split_answer("Let me think. Answer: Paris.", "Answer:") == ("Let me think.", "Paris.")
+    assert split_answer("Paris", "Answer:") == ("", "Paris")
+    labels = {"positive", "negative"}
+    assert normalise_answer("The sentiment of this review is Positive.", labels) == "positive"
+    assert normalise_answer("positive or negative", labels) == "positive or negative"
+    assert normalise_answer("Nonnegative!", labels) == "nonnegative"
