@@ -18,7 +18,8 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Data-centric LLM distillation: curate, version, query and train from one spec.")
-out = Console()
+# Piped output keeps whole rows rather than wrapping at 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 StoreOption = typer.Option(None, "--store", help="store folder (default: $SYLLABUS_STORE or .syllabus)")

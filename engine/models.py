@@ -144,7 +144,9 @@ def load_tokenizer(name: str):
 def load_causal_lm(name: str):
     """(model, tokenizer) in eval mode, float32, tokenizer padding on the left."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load is noise next to ours
     tokenizer = load_tokenizer(name)
     model = AutoModelForCausalLM.from_pretrained(resolve_causal_lm(name), dtype="float32")
     model.eval()

@@ -1,0 +1,82 @@
+"""Examples frame -> token tensors: the student's context plus the teacher's tokens.
+
+An example's input is chat_prompt_ids(student text) + the teacher's token ids. The
+logits at position t predict token t+1, so response token j (at position P+j) is
+scored by the logits at P+j-1; the prompt is masked out of the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+
+from engine.models import chat_prompt_ids
+from engine.templates import compile_template, render
+
+_LIST_COLUMNS = ("token_ids", "topk_ids", "topk_logprobs")
+
+
+@dataclass
+class Encoded:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float]]
+
+
+def student_texts(examples: pl.DataFrame, student_prompt: str | None) -> list[str]:
+    """What the student reads: training.student_prompt rendered over the row, else teacher_prompt."""
+    if not student_prompt:
+        return examples["teacher_prompt"].to_list()
+    template = compile_template(student_prompt, "training.student_prompt")
+    scalar = [c for c in examples.columns if c not in _LIST_COLUMNS]  # templates never need the big lists
+    return [render(template, row) for row in examples.select(scalar).iter_rows(named=True)]
+
+
+def encode(examples: pl.DataFrame, tokenizer, texts: list[str]) -> list[Encoded]:
+    """One Encoded per row with at least one teacher token (an empty response teaches nothing)."""
+    out = []
+    columns = examples.select(_LIST_COLUMNS).cast({"topk_logprobs": pl.List(pl.List(pl.Float32))})
+    for text, (tokens, topk_ids, topk_lps) in zip(texts, columns.iter_rows()):
+        if tokens:
+            out.append(Encoded(chat_prompt_ids(tokenizer, text), list(tokens), topk_ids, topk_lps))
+    return out
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded [B, S] inputs plus flat [N, ...] targets for the N response tokens.
+
+    `mask` marks the positions that predict a response token; the flat tensors follow
+    its row-major order, which is the order of `hidden[mask]`. Top-k rows are padded
+    to the batch's largest k with absent (-inf) slots that repeat slot 0's id.
+    """
+    seq = max(len(e.prompt_ids) + len(e.token_ids) for e in batch)
+    k = max(len(row) for e in batch for row in e.topk_ids)
+    input_ids = torch.full((len(batch), seq), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), seq), dtype=torch.long)
+    mask = torch.zeros((len(batch), seq), dtype=torch.bool)
+    targets, topk_ids, topk_lps = [], [], []
+    for i, e in enumerate(batch):
+        p, r = len(e.prompt_ids), len(e.token_ids)
+        input_ids[i, : p + r] = torch.tensor(e.prompt_ids + e.token_ids)
+        attention[i, : p + r] = 1
+        mask[i, p - 1 : p - 1 + r] = True  # the positions whose logits predict the response
+        targets += e.token_ids
+        for ids, lps in zip(e.topk_ids, e.topk_logprobs):
+            topk_ids.append(ids + [ids[0]] * (k - len(ids)))
+            topk_lps.append(lps + [float("-inf")] * (k - len(lps)))
+    return {"input_ids": input_ids, "attention_mask": attention, "mask": mask, "targets": torch.tensor(targets),
+            "topk_ids": torch.tensor(topk_ids), "topk_logprobs": torch.tensor(topk_lps, dtype=torch.float32)}
+
+
+def response_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N, V] logits at the response positions only: the vocab-sized head skips the prompt.
+
+    Assumes a Llama-family model whose head is the plain output embedding (no logit
+    scaling or soft-capping).
+    """
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False).last_hidden_state
+    return model.get_output_embeddings()(hidden[batch["mask"]])

@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny random Llama with the real bundled tokenizer, and examples from it.
+
+The tiny model speaks the teacher's vocabulary (49152 ids) but has ~1.6 M parameters,
+so generating, scoring and training with it take milliseconds. Its embeddings are
+initialised wide (std 0.5) so its next-token distributions are peaked like a real
+model's rather than near-uniform.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests share a 2-core machine: one torch thread, since an oversubscribed pool stalls (see engine.train.loop).
+os.environ.setdefault("SYLLABUS_THREADS", "1")
+
+import polars as pl  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_PROMPTS = [
+    "Is the sky blue?", "Is fire cold?", "Do cats bark?", "Is water wet?",
+    "Can fish fly?", "Is snow white?", "Do birds sing?", "Is the sun a star?",
+    "Is ice hot?", "Do trees walk?", "Is two more than one?", "Is grass green?",
+    "Can stones talk?", "Is Paris in France?", "Is rain dry?", "Do bees make honey?",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory):
+    """A folder with a tiny random LlamaForCausalLM + the real tokenizer; load_causal_lm(str(path)) loads it."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from engine.models import resolve_causal_lm
+
+    # The first call ever converts the bundled GGUF into the model cache (~20 s), then it is instant.
+    tokenizer = AutoTokenizer.from_pretrained(resolve_causal_lm("smollm2-135m-instruct"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+        tie_word_embeddings=True, initializer_range=0.5,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llm")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_examples(model_dir, *, prompts=TINY_PROMPTS, top_k: int = 8, max_new_tokens: int = 8) -> pl.DataFrame:
+    """The examples frame the trainer reads, with the tiny model itself as the teacher.
+
+    Rows 0-9 train, 10-11 val, 12-15 test. Even rows are labelled with the teacher's own
+    answer (so the teacher scores 100% on them), odd rows with "no" (which it never says).
+    """
+    from engine.answers import split_answer
+    from engine.models import chat_prompt_ids, load_causal_lm
+
+    model, tokenizer = load_causal_lm(str(model_dir))  # pads on the left, for batched generation
+    eos = tokenizer.eos_token_id
+    batch = tokenizer.pad({"input_ids": [chat_prompt_ids(tokenizer, p) for p in prompts]}, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=eos)
+    logprobs = torch.stack(out.logits, 1).float().log_softmax(-1)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        tokens = out.sequences[i, batch["input_ids"].shape[1]:].tolist()
+        if eos in tokens:
+            tokens = tokens[: tokens.index(eos) + 1]  # ends with eos when it stopped
+        top = logprobs[i, : len(tokens)].topk(top_k, -1)
+        response = tokenizer.decode(tokens, skip_special_tokens=True)
+        answer = split_answer(response, "Answer:")[1]
+        rows.append({
+            "prompt_id": f"p{i:02d}",
+            "split": "train" if i < 10 else "val" if i < 12 else "test",
+            "prompt": prompt,
+            "teacher_prompt": prompt,
+            "label": answer if i % 2 == 0 else "no",
+            "response": response,
+            "answer": answer,
+            "token_ids": tokens,
+            "topk_ids": top.indices.tolist(),
+            "topk_logprobs": top.values.tolist(),
+            "category": "yesno",
+        })
+    schema = {
+        "prompt_id": pl.String, "split": pl.String, "prompt": pl.String, "teacher_prompt": pl.String,
+        "label": pl.String, "response": pl.String, "answer": pl.String,
+        "token_ids": pl.List(pl.Int32), "topk_ids": pl.List(pl.List(pl.Int32)),
+        "topk_logprobs": pl.List(pl.List(pl.Float16)), "category": pl.String,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+@pytest.fixture(scope="session")
+def tiny_examples(tiny_llm_dir) -> pl.DataFrame:
+    """16 examples answered by the tiny model (the teacher of these tests), top-8 log-probs stored."""
+    return make_examples(tiny_llm_dir)

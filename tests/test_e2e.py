@@ -1,0 +1,134 @@
+"""End to end on the real bundled teacher: validate -> run -> sql -> train -> eval.
+
+One curated run per test session (the teacher answers a handful of demo reviews);
+every test below reads what that run left in the store.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import store
+from engine import pipeline, training
+from engine.cli import app
+from engine.models import chat_prompt_ids, load_causal_lm
+from engine.spec import load_spec
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+N_ROWS = 16
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    lines = (ROOT / "specs/data/demo.jsonl").read_text().splitlines()[:N_ROWS]
+    (work / "reviews.jsonl").write_text("\n".join(lines) + "\n")
+    spec = yaml.safe_load((ROOT / "specs/demo.yaml").read_text())
+    spec["sources"][0]["path"] = str(work / "reviews.jsonl")
+    spec["teacher"]["prompt"] = str(ROOT / spec["teacher"]["prompt"])
+    spec["teacher"]["generation"]["max_new_tokens"] = 12
+    # A band that the real scores straddle, so mining both keeps and drops.
+    spec["mining"] = {"confidence": "mean_token_prob", "band": [0.45, 1.0], "outside_band_keep": 0.5, "seed": 1}
+    spec["splits"] = {"train": 0.5, "val": 0.0, "test": 0.5, "seed": 1}
+    spec["students"] = [{"name": "drop2", "from_teacher": {"layers": [0, 29]}},
+                        {"name": "tiny", "config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}}]
+    spec["training"].update(epochs=4, batch_size=4, max_steps=6)
+    spec["eval"] = {"split": "test", "speed_prompts": 1, "speed_tokens": 4}
+    spec_path = work / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    st = store.open(work / "store")
+    result = pipeline.run(load_spec(spec_path), st, progress=False)
+    return {"spec_path": spec_path, "store": st, "result": result, "work": work}
+
+
+def sql(e2e, query):
+    return e2e["store"].sql(query, at="demo@latest").to_pylist()
+
+
+def test_validate_and_versions_cli(e2e):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", str(e2e["spec_path"])])
+    assert ok.exit_code == 0 and "ok" in ok.output
+    listing = runner.invoke(app, ["versions", "--store", str(e2e["store"].root)])
+    assert listing.exit_code == 0 and "demo@1" in listing.output
+
+
+def test_run_commits_once_and_rerun_is_free(e2e):
+    first = e2e["result"]
+    assert first.created and first.version == 1 and first.teacher_calls == N_ROWS
+    again = pipeline.run(load_spec(e2e["spec_path"]), e2e["store"], progress=False)
+    assert not again.created and again.version == 1 and again.teacher_calls == 0
+    assert [v.version for v in e2e["store"].versions("demo")] == [1]
+
+
+def test_topk_records_are_valid(e2e):
+    (bad,) = sql(e2e, """
+        SELECT count(*) FILTER (WHERE list_max(topk_logprobs) > 0) AS positive,
+               count(*) FILTER (WHERE list_sum(list_transform(topk_logprobs, lambda x: exp(x))) > 1.001) AS over_one,
+               count(*) FILTER (WHERE topk_logprobs <> list_reverse_sort(topk_logprobs)) AS unsorted,
+               count(*) FILTER (WHERE len(topk_ids) <> 20) AS wrong_k,
+               count(*) AS tokens
+        FROM tokens""")
+    assert bad["tokens"] > N_ROWS  # several tokens per answer
+    assert bad["positive"] == bad["over_one"] == bad["unsorted"] == bad["wrong_k"] == 0
+
+
+def test_stored_tokens_are_what_the_teacher_generated(e2e):
+    model, tokenizer = load_causal_lm("smollm2-135m-instruct")
+    rows = e2e["store"].read("demo@latest", "examples").head(3).to_dicts()
+    for row in rows:
+        prompt = chat_prompt_ids(tokenizer, row["teacher_prompt"])
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        generated = out[0, len(prompt):].tolist()
+        assert generated[: len(row["token_ids"])] == row["token_ids"]
+        assert tokenizer.decode(row["token_ids"], skip_special_tokens=True).strip() == row["response"]
+
+
+def test_band_mining_keeps_band_plus_share_and_rejects_rest(e2e):
+    st = e2e["store"]
+    examples = st.read("demo@latest", "examples")
+    rejected = st.read("demo@latest", "rejections").filter(stage="mine")
+    scores = examples["conf_mean_token_prob"].to_numpy()
+    in_band = int(((scores >= 0.45) & (scores <= 1.0)).sum())
+    outside = N_ROWS - in_band
+    assert examples.height == in_band + round(0.5 * outside)
+    assert rejected.height == N_ROWS - examples.height
+    assert all("outside band [0.45, 1.0]" in r for r in rejected["reason"])
+    assert (rejected["prompt_id"].is_in(examples["prompt_id"].implode()).sum()) == 0
+
+
+def test_train_then_eval(e2e):
+    spec, st = load_spec(e2e["spec_path"]), e2e["store"]
+    trained = training.train(spec, st, progress=False)
+    assert trained.created and trained.dataset_ref == "demo@1"
+    for name in ("drop2", "tiny"):
+        metrics = json.loads((trained.run_dir / name / "metrics.json").read_text())
+        assert metrics["last_loss"] < metrics["first_loss"], name
+    assert {m["student"] for m in st.models("demo", 1)} == {"drop2", "tiny"}
+    assert not training.train(spec, st, progress=False).created  # the same run is reused
+
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(trained.run_dir / "drop2")
+    assert student.config.num_hidden_layers == 2
+    out = student.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, pad_token_id=2)
+    assert out.shape == (1, 6)
+
+    rows, path = training.evaluate(spec, st, progress=False)
+    by_name = {r["name"]: r for r in rows}
+    teacher = by_name["smollm2-135m-instruct"]
+    assert teacher["accuracy"] is not None and teacher["accuracy"] > 0.5
+    assert teacher["token_kl"] == pytest.approx(0.0, abs=0.02)
+    for name in ("drop2", "tiny"):
+        row = by_name[name]
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["agreement"] <= 1.0
+        assert row["token_kl"] > 0 and row["decode_tok_s"] > 0 and row["params"] < teacher["params"]
+    assert json.loads(path.read_text())["models"][0]["name"] == "smollm2-135m-instruct"
+    assert np.isfinite([r["decode_tok_s"] for r in rows]).all()
