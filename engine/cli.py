@@ -147,16 +147,16 @@ def evaluate(spec: Path = typer.Argument(..., help="spec file (YAML)"),
 
 
 def main() -> None:
-    from engine.errors import USER_ERRORS
+    from engine.errors import USER_ERRORS, Interrupted
 
     try:
         app()
+    except Interrupted as e:
+        err.print(f"[yellow]interrupted:[/] {e}", highlight=False)
+        sys.exit(130)
     except USER_ERRORS as e:
         err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: nothing was committed; completed teacher answers are cached")
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -11,4 +11,8 @@ class TrainError(Exception):
     """A training or evaluation request that cannot be served (e.g. nothing trained yet)."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a long command, said plainly with what was kept."""
+
+
 USER_ERRORS = (SpecError, StageError, StoreError, ModelError, TemplateProblem, TrainError)

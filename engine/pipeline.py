@@ -15,6 +15,7 @@ from rich.table import Table
 
 import engine
 import store as store_api
+from engine.errors import Interrupted
 from engine.stages.base import RunContext, no_rejections
 from engine.stages.confidence import Confidence
 from engine.stages.mine import Mine
@@ -63,7 +64,10 @@ def curate(spec, cache_dir, *, progress: bool = True, console: Console | None = 
 
 
 def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | None = None) -> RunResult:
-    examples, rejected, stage_stats, counters = curate(spec, st.root / "cache", progress=progress, console=console)
+    try:
+        examples, rejected, stage_stats, counters = curate(spec, st.root / "cache", progress=progress, console=console)
+    except KeyboardInterrupt:
+        raise Interrupted("nothing was committed; completed teacher answers are cached for the next run") from None
     latest = st.latest_version(spec.name)
     lineage = {
         "spec_text": spec.text,

@@ -294,3 +294,6 @@ def test_evaluate_reports_teacher_then_students(trained, tiny_examples, tiny_llm
     console.print(format_table(rows))
     text = console.export_text()
     assert "teacher" in text and "halves" in text and "50.0%" in text
+    teacher_line = next(line for line in text.splitlines() if "teacher" in line and "│" in line)
+    cells = [c.strip() for c in teacher_line.split("│")[1:-1]]
+    assert cells[2] == f"{teacher['params'] / 1e6:.1f}M" and cells[3].endswith("MB")  # each value under its header

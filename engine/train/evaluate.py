@@ -167,7 +167,8 @@ def format_table(rows: list[dict]) -> Table:
         table.add_column(column, justify="left" if column in ("model", "kind") else "right")
     for r in rows:
         table.add_row(
-            Path(r["name"]).name or r["name"], r["kind"],  # a teacher given as a path shows its folder name f"{r['params'] / 1e6:.1f}M", f"{r['disk_bytes'] / 1e6:.1f} MB",
+            Path(r["name"]).name or r["name"], r["kind"],  # a teacher given as a path shows its folder name
+            f"{r['params'] / 1e6:.1f}M", f"{r['disk_bytes'] / 1e6:.1f} MB",
             f"{r['decode_tok_s']:.1f}", _share(r["accuracy"]), _share(r["agreement"]),
             "–" if r["token_kl"] is None else f"{r['token_kl']:.4f}", _share(r["retention"]),
         )
