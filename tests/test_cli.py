@@ -70,7 +70,7 @@ def test_spec_error_has_no_traceback(project):
 
 
 def test_interrupted_run_leaves_no_version_and_keeps_answers(project, monkeypatch):
-    os.chdir(project)
+    monkeypatch.chdir(project)
     spec, st = load_spec(project / "spec.yaml"), store.open(project / "store")
     real_ask = Teach._ask
 
