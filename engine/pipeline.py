@@ -25,7 +25,7 @@ from engine.stages.teach import Teach
 from engine.teachers import teacher_fingerprint
 
 EXAMPLE_COLUMNS = [
-    "prompt_id", "parent_id", "source", "category", "template_id", "split", "prompt", "label",
+    "prompt_id", "parent_id", "source", "category", "template_id", "origin", "cluster", "split", "prompt", "label",
     "teacher_prompt", "response", "reasoning", "answer",
     "conf_mean_token_prob", "conf_min_token_prob", "conf_answer_prob", "conf_margin", "conf_entropy",
     "token_ids", "token_logprobs", "topk_ids", "topk_logprobs",
@@ -45,10 +45,10 @@ class RunResult:
     teacher_calls: int = 0
 
 
-def curate(spec, cache_dir, *, progress: bool = True, console: Console | None = None):
+def curate(spec, st, *, progress: bool = True, console: Console | None = None):
     """Run every stage; returns (examples, rejections, per-stage stats, counters)."""
     console = console or Console(stderr=True, quiet=not progress)
-    ctx = RunContext(spec=spec, cache_dir=cache_dir, progress=progress)
+    ctx = RunContext(spec=spec, cache_dir=st.root / "cache", progress=progress, store=st)
     frame, rejected, stage_stats = None, [no_rejections()], {}
     for stage in stages():
         started = time.perf_counter()
@@ -59,13 +59,13 @@ def curate(spec, cache_dir, *, progress: bool = True, console: Console | None = 
         rejected.append(dropped)
         console.print(f"[bold]{stage.name:<11}[/] {rows_in:>6} in  {frame.height:>6} kept  "
                       f"{dropped.height:>5} dropped  {stats['seconds']:>7.2f}s")
-    examples = frame.select(EXAMPLE_COLUMNS)
+    examples = frame.select(c for c in EXAMPLE_COLUMNS if c in frame.columns)
     return examples, pl.concat(rejected), stage_stats, ctx.counters
 
 
 def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | None = None) -> RunResult:
     try:
-        examples, rejected, stage_stats, counters = curate(spec, st.root / "cache", progress=progress, console=console)
+        examples, rejected, stage_stats, counters = curate(spec, st, progress=progress, console=console)
     except KeyboardInterrupt:
         raise Interrupted("nothing was committed; completed teacher answers are cached for the next run") from None
     latest = st.latest_version(spec.name)

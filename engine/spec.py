@@ -55,25 +55,124 @@ class Teacher(Strict):
 # --- sources -----------------------------------------------------------------
 
 
+SOURCE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
 class Source(Strict):
-    path: str = Field(min_length=1)
-    format: Literal["jsonl", "csv"] | None = None  # default: from the file extension
+    """Where prompts come from: exactly one of a file, an inline list, or a store version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    path: str | None = None
+    inline: list[str] | None = None
+    from_: str | None = Field(None, alias="from")  # NAME@V of a store version (its examples)
+    where: str | None = None  # SQL condition over that version's examples
+    format: Literal["jsonl", "csv", "parquet", "text"] | None = None  # default: from the file extension
     text: str = "prompt"  # column holding the prompt text
-    category: str | None = None  # column holding the coverage category
+    category: str | None = None  # column holding the coverage category (for inline: the category itself)
     label: str | None = None  # column holding the gold answer
+    max_bad_rows: int = Field(0, ge=0)  # malformed rows tolerated (they go to rejections) before the run stops
+    max_chars: int = Field(8000, ge=1)  # longer prompts are malformed rows
 
     @model_validator(mode="after")
-    def _known_format(self) -> "Source":
-        if self.format is None and self.source_format is None:
-            raise ValueError(f"cannot tell the format of {self.path!r} from its extension; set format: jsonl or csv")
+    def _one_origin(self) -> "Source":
+        origins = [k for k, v in (("path", self.path), ("inline", self.inline), ("from", self.from_)) if v is not None]
+        if len(origins) != 1:
+            raise ValueError(f"a source needs exactly one of path, inline, from (got {', '.join(origins) or 'none'})")
+        if self.where is not None and self.from_ is None:
+            raise ValueError("where applies only to a `from: NAME@V` source")
+        if self.path is not None and self.source_format is None:
+            raise ValueError(f"cannot tell the format of {self.path!r} from its extension; set format: jsonl, csv, parquet or text")
         return self
 
     @property
     def source_format(self) -> str | None:
         if self.format:
             return self.format
-        suffix = Path(self.path).suffix.lower()
-        return {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}.get(suffix)
+        if self.path is None:
+            return None
+        return SOURCE_FORMATS.get(Path(self.path).suffix.lower())
+
+    @property
+    def origin(self) -> str:
+        """How rows of this source are named in the `source` column and in messages."""
+        if self.path is not None:
+            return self.path
+        return f"from:{self.from_}" if self.from_ else "inline"
+
+
+# --- coverage, augmentation, embeddings, dedup, diversity --------------------
+
+
+class Category(Strict):
+    share: float | None = Field(None, gt=0.0, le=1.0)  # of coverage.total
+    min: int | None = Field(None, ge=0)
+    max: int | None = Field(None, ge=1)
+    describe: str = ""  # what belongs here: used by `assign: embedding`
+    keywords: list[str] = []  # used by `assign: keywords`
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Category":
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} must not exceed max {self.max}")
+        return self
+
+
+class Coverage(Strict):
+    total: int | None = Field(None, ge=1)  # size of the final dataset that shares refer to
+    assign: Literal["column", "keywords", "embedding"] = "column"
+    similarity_floor: float = Field(0.2, ge=-1.0, le=1.0)  # embedding assignment: below this, `uncategorised`
+    categories: dict[str, Category] = Field(min_length=1)
+    augment_until_quota: bool = False
+    augment_rounds: int = Field(3, ge=1)  # at most this many top-up rounds per run
+    augment_cap: int = Field(4, ge=1)  # at most this many extra variations per original prompt
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Coverage":
+        shares = {n: c.share for n, c in self.categories.items() if c.share is not None}
+        if shares and self.total is None:
+            raise ValueError(f"categories with a share ({', '.join(shares)}) need coverage.total")
+        if sum(shares.values()) > 1.0 + 1e-6:
+            raise ValueError(f"category shares sum to {sum(shares.values()):g}, more than 1")
+        if self.assign == "embedding":
+            vague = [n for n, c in self.categories.items() if not c.describe.strip()]
+            if vague:
+                raise ValueError(f"assign: embedding needs a describe text for every category (missing: {', '.join(vague)})")
+        if self.assign == "keywords":
+            bare = [n for n, c in self.categories.items() if not c.keywords]
+            if len(bare) == len(self.categories):
+                raise ValueError("assign: keywords needs keywords on at least one category")
+        return self
+
+
+class Augment(Strict):
+    template: str = Field(min_length=1)  # Jinja2 file: renders a new prompt (or, with teacher, the rewrite request)
+    categories: list[str] | None = None  # default: every category
+    vars: dict[str, list] = {}  # expanded as a grid ...
+    sample: int | None = Field(None, ge=1)  # ... or this many combinations per prompt, seeded
+    seed: int = 0
+    teacher: bool = False  # ask the teacher to write the variation from the rendered template
+
+
+class Embed(Strict):
+    model: str = "all-minilm-l6-v2"  # bundled alias or a local sentence-transformers folder
+    batch_size: int = Field(64, ge=1)
+
+
+class SemanticDedup(Strict):
+    threshold: float = Field(0.92, gt=0.0, le=1.0)  # cosine similarity at or above which rows are duplicates
+    exact_search_below: int = Field(20000, ge=1)  # rows; above it an approximate index is used
+
+
+class Dedup(Strict):
+    exact: bool = True
+    semantic: SemanticDedup | None = None
+    against: str | None = None  # NAME@V: drop rows already in that version
+
+
+class Diversity(Strict):
+    clusters: int = Field(16, ge=1)
+    seed: int = 0
 
 
 # --- mining and splits -------------------------------------------------------
@@ -200,6 +299,11 @@ class Spec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     teacher: Teacher
     sources: list[Source] = Field(min_length=1)
+    coverage: Coverage | None = None
+    augment: list[Augment] = []
+    embed: Embed = Embed()
+    dedup: Dedup = Dedup()
+    diversity: Diversity | None = None
     mining: Mining = Mining()
     splits: Splits = Splits()
     students: list[Student] = []
@@ -209,6 +313,17 @@ class Spec(Strict):
     # Set by load_spec, not by the user.
     path: Path | None = Field(None, exclude=True)
     text: str = Field("", exclude=True)
+
+    @model_validator(mode="after")
+    def _known_categories(self) -> "Spec":
+        known = set(self.coverage.categories) if self.coverage else None
+        for i, aug in enumerate(self.augment):
+            if aug.categories and known is not None:
+                unknown = [c for c in aug.categories if c not in known]
+                if unknown:
+                    raise ValueError(f"augment[{i}].categories: unknown categories {', '.join(unknown)} "
+                                     f"(coverage has {', '.join(sorted(known))})")
+        return self
 
     @field_validator("students")
     @classmethod
@@ -262,7 +377,8 @@ def parse_spec(data: object, *, path: Path | None = None, text: str = "") -> Spe
     except ValidationError as e:
         err = e.errors()[0]
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise SpecError(f"{where}: {_field_path(err['loc'])}: {_message(err)}{more}") from None
+        field = f"{_field_path(err['loc'])}: " if err["loc"] else ""
+        raise SpecError(f"{where}: {field}{_message(err)}{more}") from None
     return spec.model_copy(update={"path": path, "text": text})
 
 
@@ -292,5 +408,8 @@ def _check_files(spec: Spec) -> None:
     if spec.teacher.prompt and not spec.resolve_path(spec.teacher.prompt).is_file():
         raise SpecError(f"{where}: teacher.prompt: no such template file {spec.teacher.prompt!r}")
     for i, src in enumerate(spec.sources):
-        if not spec.resolve_path(src.path).is_file():
+        if src.path is not None and not spec.resolve_path(src.path).is_file():
             raise SpecError(f"{where}: sources[{i}].path: no such file {src.path!r}")
+    for i, aug in enumerate(spec.augment):
+        if not spec.resolve_path(aug.template).is_file():
+            raise SpecError(f"{where}: augment[{i}].template: no such template file {aug.template!r}")

@@ -14,7 +14,7 @@ from engine import pipeline
 from engine.cli import app
 from engine.errors import Interrupted
 from engine.spec import load_spec
-from engine.stages.teach import Teach
+from engine.stages import teach
 
 REVIEWS = [("Great value, works perfectly.", "positive"), ("Broke after a day.", "negative"),
            ("I love it.", "positive"), ("Waste of money.", "negative"), ("Exceeded my hopes.", "positive"),
@@ -72,16 +72,16 @@ def test_spec_error_has_no_traceback(project):
 def test_interrupted_run_leaves_no_version_and_keeps_answers(project, monkeypatch):
     monkeypatch.chdir(project)
     spec, st = load_spec(project / "spec.yaml"), store.open(project / "store")
-    real_ask = Teach._ask
+    real_generate = teach._generate
 
-    def ask_then_interrupt(self, todo, ctx, cache):
-        real_ask(self, todo[:2], ctx, cache)  # two answers reach the cache, then Ctrl-C
+    def generate_then_interrupt(todo, ctx, cache, label):
+        real_generate(todo[:2], ctx, cache, label)  # two answers reach the cache, then Ctrl-C
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Teach, "_ask", ask_then_interrupt)
+    monkeypatch.setattr(teach, "_generate", generate_then_interrupt)
     with pytest.raises(Interrupted):
         pipeline.run(spec, st, progress=False)
     assert st.versions() == []
-    monkeypatch.setattr(Teach, "_ask", real_ask)
+    monkeypatch.setattr(teach, "_generate", real_generate)
     resumed = pipeline.run(spec, st, progress=False)
     assert resumed.created and resumed.teacher_calls == len(REVIEWS) - 2

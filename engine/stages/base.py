@@ -23,6 +23,8 @@ REJECTION_SCHEMA = {
     "label": pl.String,
     "stage": pl.String,
     "reason": pl.String,
+    "neighbor_id": pl.String,  # dedup: the kept row this one duplicates
+    "similarity": pl.Float64,  # dedup: cosine similarity to that neighbour
 }
 
 
@@ -35,7 +37,8 @@ class RunContext:
     spec: Any
     cache_dir: Path
     progress: bool = True
-    teacher: Any = None  # loaded lazily by the teach stage, reused by later stages
+    store: Any = None  # the store.Store a run commits to: `from:` sources and dedup.against read it
+    teacher: Any = None  # loaded lazily on the first teacher call, then reused
     counters: dict = field(default_factory=dict)
 
 

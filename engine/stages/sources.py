@@ -21,6 +21,7 @@ ROW_SCHEMA = {
     "source": pl.String,
     "category": pl.String,
     "template_id": pl.String,
+    "origin": pl.String,  # source | template | teacher: how the prompt was made
     "prompt": pl.String,
     "label": pl.String,
 }
@@ -81,6 +82,7 @@ def read_source(src, path: Path) -> list[dict]:
             "source": str(path),
             "category": _text(record.get(src.category)) if src.category else None,
             "template_id": None,
+            "origin": "source",
             "prompt": text.strip(),
             "label": _text(record.get(src.label)) if src.label else None,
         })

@@ -6,18 +6,17 @@ and the teacher is not even loaded when every answer is cached.
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from engine.answers import split_answer
 from engine.arrow import list_column, nested_list_column
 from engine.cache import TeacherCache, request_key
+from engine.progress import progress_bar
 from engine.stages.base import RunContext, no_rejections
 from engine.teachers import load_teacher, teacher_fingerprint
 from engine.templates import load_template, render
-
-import numpy as np
 
 
 def teacher_prompts(frame: pl.DataFrame, spec) -> list[str]:
@@ -34,11 +33,42 @@ def generation_params(spec) -> dict:
     return {"generation": t.generation.model_dump(), "top_k": t.logprobs.top_k}
 
 
-def progress_bar(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), disable=not enabled,
-    )
+def ask_teacher(ctx: RunContext, prompts: list[str], label: str = "teach") -> tuple[list, int]:
+    """The teacher's output for each prompt, from the cache where it is there.
+
+    Returns (outputs in prompt order, number of new teacher calls). Fresh answers are
+    committed to the cache every few batches, so an interrupt loses at most one chunk.
+    """
+    spec = ctx.spec
+    fingerprint = teacher_fingerprint(spec.teacher)
+    params = generation_params(spec)
+    keys = [request_key(fingerprint, params, p) for p in prompts]
+    cache = TeacherCache(ctx.cache_dir / "teacher.sqlite")
+    try:
+        answers = cache.get_many(keys)
+        todo = sorted({k: p for k, p in zip(keys, prompts) if k not in answers}.items())
+        if todo:
+            answers.update(_generate(todo, ctx, cache, label))
+    finally:
+        cache.close()
+    ctx.counters["teacher_calls"] = ctx.counters.get("teacher_calls", 0) + len(todo)
+    return [answers[k] for k in keys], len(todo)
+
+
+def _generate(todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache, label: str) -> dict:
+    if ctx.teacher is None:
+        ctx.teacher = load_teacher(ctx.spec.teacher)
+    answers = {}
+    chunk = ctx.spec.teacher.batch_size * 4
+    with progress_bar(ctx.progress) as bar:
+        task = bar.add_task(label, total=len(todo))
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            outs = ctx.teacher.generate([p for _, p in part], on_batch=lambda n: bar.advance(task, n))
+            fresh = {k: o for (k, _), o in zip(part, outs)}
+            cache.put_many(fresh)
+            answers.update(fresh)
+    return answers
 
 
 class Teach:
@@ -47,38 +77,10 @@ class Teach:
     def run(self, frame: pl.DataFrame, ctx: RunContext):
         spec = ctx.spec
         prompts = teacher_prompts(frame, spec)
-        fingerprint = teacher_fingerprint(spec.teacher)
-        params = generation_params(spec)
-        keys = [request_key(fingerprint, params, p) for p in prompts]
-        cache = TeacherCache(ctx.cache_dir / "teacher.sqlite")
-        try:
-            answers = cache.get_many(keys)
-            todo = sorted({k: p for k, p in zip(keys, prompts) if k not in answers}.items())
-            ctx.counters["teacher_calls"] = ctx.counters.get("teacher_calls", 0) + len(todo)
-            if todo:
-                answers.update(self._ask(todo, ctx, cache))
-        finally:
-            cache.close()
-        outputs = [answers[k] for k in keys]
-        stats = {"rows": frame.height, "cached": frame.height - len(todo), "teacher_calls": len(todo),
+        outputs, calls = ask_teacher(ctx, prompts)
+        stats = {"rows": frame.height, "cached": frame.height - calls, "teacher_calls": calls,
                  "generated_tokens": int(sum(len(o.token_ids) for o in outputs))}
         return self._attach(frame, prompts, outputs, spec), no_rejections(), stats
-
-    def _ask(self, todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache) -> dict:
-        if ctx.teacher is None:
-            ctx.teacher = load_teacher(ctx.spec.teacher)
-        answers = {}
-        # Commit to the cache every few batches: an interrupt loses at most one chunk.
-        chunk = ctx.spec.teacher.batch_size * 4
-        with progress_bar(ctx.progress) as bar:
-            task = bar.add_task("teach", total=len(todo))
-            for start in range(0, len(todo), chunk):
-                part = todo[start : start + chunk]
-                outs = ctx.teacher.generate([p for _, p in part], on_batch=lambda n: bar.advance(task, n))
-                fresh = {k: o for (k, _), o in zip(part, outs)}
-                cache.put_many(fresh)
-                answers.update(fresh)
-        return answers
 
     @staticmethod
     def _attach(frame: pl.DataFrame, prompts: list[str], outputs, spec) -> pl.DataFrame:
