@@ -57,6 +57,7 @@ def curate(spec, st, *, progress: bool = True, console: Console | None = None):
         stats["seconds"] = round(time.perf_counter() - started, 2)
         stage_stats[stage.name] = stats
         rejected.append(dropped)
+        ctx.rejected.append(dropped)
         console.print(f"[bold]{stage.name:<11}[/] {rows_in:>6} in  {frame.height:>6} kept  "
                       f"{dropped.height:>5} dropped  {stats['seconds']:>7.2f}s")
     examples = frame.select(c for c in EXAMPLE_COLUMNS if c in frame.columns)

@@ -73,6 +73,7 @@ class Source(Strict):
     label: str | None = None  # column holding the gold answer
     max_bad_rows: int = Field(0, ge=0)  # malformed rows tolerated (they go to rejections) before the run stops
     max_chars: int = Field(8000, ge=1)  # longer prompts are malformed rows
+    limit: int | None = Field(None, ge=1)  # read only the first N good rows (a sample)
 
     @model_validator(mode="after")
     def _one_origin(self) -> "Source":

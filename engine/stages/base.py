@@ -40,6 +40,7 @@ class RunContext:
     store: Any = None  # the store.Store a run commits to: `from:` sources and dedup.against read it
     teacher: Any = None  # loaded lazily on the first teacher call, then reused
     counters: dict = field(default_factory=dict)
+    rejected: list = field(default_factory=list)  # rejection frames of the stages run so far
 
 
 class Stage(Protocol):
