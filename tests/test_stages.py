@@ -7,11 +7,10 @@ import polars as pl
 import pytest
 
 from engine.answers import normalise_answer, split_answer
-from engine.spec import Mining, Source, Splits
-from engine.stages.base import RunContext, StageError, prompt_id
+from engine.spec import Mining, Splits
+from engine.stages.base import RunContext, prompt_id
 from engine.stages.confidence import row_measures
 from engine.stages.mine import Mine
-from engine.stages.sources import read_source
 from engine.stages.split import Split
 
 
@@ -22,54 +21,6 @@ class FakeSpec:
 
 def ctx(**parts) -> RunContext:
     return RunContext(spec=FakeSpec(**parts), cache_dir=None, progress=False)
-
-
-# --- sources -------------------------------------------------------------------
-
-def test_jsonl_rows_get_identity_and_columns(tmp_path):
-    path = tmp_path / "s.jsonl"
-    path.write_text('{"q": "Is it good?", "a": "yes", "c": "x"}\n\n{"q": "  Is   it good? ", "a": 1}\n')
-    rows = read_source(Source(path=str(path), text="q", label="a", category="c"), path)
-    assert [r["label"] for r in rows] == ["yes", "1"]
-    assert rows[0]["prompt_id"] == rows[1]["prompt_id"] == prompt_id("Is it good?")
-    assert rows[0]["parent_id"] == rows[0]["prompt_id"]
-    assert rows[1]["category"] is None
-
-
-@pytest.mark.parametrize("content, expected", [
-    ('{"q": "a"}\n{"q": oops}\n', ":2: invalid JSON"),
-    ('{"q": "a"}\n{"other": "b"}\n', ":2: no 'q' field"),
-    ('{"q": "   "}\n', ":1: empty or non-text 'q' field"),
-    ('["q"]\n', ":1: expected a JSON object, got list"),
-    ("", ": source has no rows"),
-])
-def test_bad_jsonl_names_file_and_line(tmp_path, content, expected):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(content)
-    with pytest.raises(StageError) as info:
-        read_source(Source(path=str(path), text="q"), path)
-    assert str(info.value) == f"{path}{expected}" or str(info.value).startswith(f"{path}{expected}")
-
-
-def test_non_utf8_jsonl_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_bytes(b'{"q": "fine"}\n{"q": "caf\xe9"}\n')
-    with pytest.raises(StageError, match=r"bad.jsonl:2: not UTF-8"):
-        read_source(Source(path=str(path), text="q"), path)
-
-
-def test_csv_source_and_missing_label_column(tmp_path):
-    path = tmp_path / "s.csv"
-    path.write_text('text,gold\n"Hello, world",pos\nBye,neg\n')
-    rows = read_source(Source(path=str(path), text="text", label="gold"), path)
-    assert [(r["prompt"], r["label"]) for r in rows] == [("Hello, world", "pos"), ("Bye", "neg")]
-    with pytest.raises(StageError, match="no row has the label column 'answer'"):
-        read_source(Source(path=str(path), text="text", label="answer"), path)
-
-
-def test_missing_source_file(tmp_path):
-    with pytest.raises(StageError, match="no such source file"):
-        read_source(Source(path="x.jsonl"), tmp_path / "x.jsonl")
 
 
 # --- mining ----------------------------------------------------------------------

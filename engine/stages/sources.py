@@ -1,19 +1,27 @@
-"""Sources: read prompts from JSONL or CSV files into rows with a stable prompt_id.
+"""Sources: prompts from JSONL, CSV, Parquet and text files, inline lists, and store versions.
 
-Bad input stops the run before any teacher call, with one line naming file and line.
+Every source becomes rows with a stable prompt_id. Malformed rows (bad JSON, missing or
+empty text, not UTF-8, text over max_chars) are collected with their line and reason:
+up to the source's `max_bad_rows` they go to `rejections` and the run goes on; beyond it
+the run stops before any teacher call, with one line listing the first few.
+
+Text files and inline lists have no columns: each line or item is a prompt, and
+`category:` names the category of every row instead of a column.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import polars as pl
 
-from engine.stages.base import RunContext, StageError, prompt_id, rejections
+from engine.stages.base import REJECTION_SCHEMA, RunContext, StageError, prompt_id, rejections
 
 ROW_SCHEMA = {
     "prompt_id": pl.String,
@@ -26,73 +34,302 @@ ROW_SCHEMA = {
     "label": pl.String,
 }
 
+SHOWN_BAD_ROWS = 3  # bad rows an error message lists; the count says how many there are
+RAW_PREVIEW_CHARS = 200  # a rejected raw line is kept this long in rejections.prompt
+COLUMNLESS_FORMATS = ("text", "inline")
 
-def _records_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+
+@dataclass(frozen=True)
+class Record:
+    """One raw row of a source: its fields, or why they could not be read."""
+
+    where: str  # "line 4" in a text file, "row 4" in Parquet or a store version, "item 4" inline
+    raw: bytes  # the row as read: a rejection shows it and hashes it
+    fields: dict | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class BadRow:
+    where: str
+    reason: str
+    raw: bytes
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass
+class SourceRead:
+    name: str  # how messages name the source: its file, or sources[i] (inline)
+    rows: list[dict] = field(default_factory=list)
+    bad: list[BadRow] = field(default_factory=list)
+
+
+# --- readers: path or query -> Records ------------------------------------------------
+
+
+def _decode(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes, str | None]]:
+    """(line number, raw bytes without the newline, decoded text or None) per line."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM is not part of the first row
+                raw = raw[3:]
+            yield lineno, raw, _decode(raw)
+
+
+def _records_jsonl(path: Path, src) -> Iterator[Record]:
+    for lineno, raw, line in _lines(path):
+        where = f"line {lineno}"
+        if line is None:
+            yield Record(where, raw, problem="not UTF-8")
+        elif line.strip():
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise StageError(f"{path}:{lineno}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise StageError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise StageError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+                yield Record(where, raw, problem=f"invalid JSON ({e.msg})")
+                continue
+            if isinstance(value, dict):
+                yield Record(where, raw, fields=value)
+            else:
+                yield Record(where, raw, problem=f"expected a JSON object, got {_json_type(value)}")
 
 
-def _records_csv(path: Path) -> Iterator[tuple[int, dict]]:
+def _json_type(value) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(type(value), "null")
+
+
+def _records_text(path: Path, src) -> Iterator[Record]:
+    for lineno, raw, line in _lines(path):
+        if line is None:
+            yield Record(f"line {lineno}", raw, problem="not UTF-8")
+        elif line.strip():
+            yield Record(f"line {lineno}", raw, fields={"text": line})
+
+
+def _records_csv(path: Path, src) -> Iterator[Record]:
+    # surrogateescape keeps undecodable bytes, so one bad row does not sink the file.
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    lines = io.StringIO(text, newline="").readlines()
+    reader = csv.reader(lines)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise StageError(f"{path}:{line}: not UTF-8 text") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        for record in reader:
-            yield reader.line_num, record
+        header = next(reader, None)
     except csv.Error as e:
-        raise StageError(f"{path}:{reader.line_num}: invalid CSV ({e})") from None
+        raise StageError(f"{path}: line 1: invalid CSV header ({e})") from None
+    if header is None:
+        return
+    _require_columns(src, header, str(path))
+    start = reader.line_num
+    while True:
+        try:
+            values = next(reader, None)
+        except csv.Error as e:
+            raise StageError(f"{path}: line {start + 1}: invalid CSV ({e})") from None
+        if values is None:
+            return
+        raw_text = "".join(lines[start : reader.line_num]).rstrip("\r\n")
+        raw, where = raw_text.encode("utf-8", errors="surrogateescape"), f"line {start + 1}"
+        start = reader.line_num
+        if not values or not any(v.strip() for v in values):
+            continue  # a blank line
+        if _decode(raw) is None:
+            yield Record(where, raw, problem="not UTF-8")
+        elif len(values) > len(header):
+            yield Record(where, raw, problem=f"{len(values)} fields but the header has {len(header)} (an unquoted comma?)")
+        else:
+            yield Record(where, raw, fields=dict(zip(header, values)))
 
 
-def _text(value: object) -> str | None:
+def _records_parquet(path: Path, src) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        _require_columns(src, parquet.schema_arrow.names, str(path))
+        columns = _mapped_columns(src, parquet.schema_arrow.names)
+        number = 0
+        for batch in parquet.iter_batches(columns=columns, batch_size=4096):
+            for fields in batch.to_pylist():
+                number += 1
+                yield Record(f"row {number}", _raw_of(fields), fields=fields)
+    except (pa.ArrowException, OSError) as e:
+        raise StageError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+
+
+def _records_store(src, store, name: str) -> Iterator[Record]:
+    if store is None:
+        raise StageError(f"{name}: from: no store to read {src.from_} from")
+    available = _store_sql(store, "SELECT * FROM examples LIMIT 0", src.from_, f"{name}: from").column_names
+    _require_columns(src, available, name)
+    selected = ", ".join(_quote(c) for c in _mapped_columns(src, available))
+    where = f" WHERE ({src.where})" if src.where else ""
+    table = _store_sql(store, f"SELECT {selected} FROM examples{where}", src.from_, f"{name}: where")
+    for number, fields in enumerate(table.to_pylist(), start=1):
+        yield Record(f"row {number}", _raw_of(fields), fields=fields)
+
+
+def _store_sql(store, query: str, at: str, context: str):
+    from store import StoreError
+
+    try:
+        return store.sql(query, at=at)
+    except StoreError as e:
+        raise StageError(f"{context}: {e}") from None
+
+
+def _records_inline(src) -> Iterator[Record]:
+    for number, item in enumerate(src.inline, start=1):
+        yield Record(f"item {number}", item.encode("utf-8", errors="surrogateescape"), fields={"text": item})
+
+
+def _mapped_columns(src, available) -> list[str]:
+    return [c for c in dict.fromkeys((src.text, src.category, src.label)) if c is not None and c in available]
+
+
+def _require_columns(src, available, name: str) -> None:
+    """Tables with a header must hold the mapped columns: say so once, not once per row."""
+    for role in ("text", "category", "label"):
+        column = getattr(src, role)
+        if column is not None and column not in available:
+            raise StageError(f"{name}: no {role} column {column!r} (columns: {', '.join(map(str, available)) or 'none'})")
+
+
+def _raw_of(fields: dict) -> bytes:
+    return json.dumps(fields, ensure_ascii=False, default=str).encode("utf-8", errors="surrogateescape")
+
+
+def _quote(column: str) -> str:
+    return '"' + column.replace('"', '""') + '"'
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# --- records -> rows -------------------------------------------------------------------
+
+
+def _text_problem(value, column: str | None, max_chars: int) -> str | None:
+    """Why a prompt text is unusable, or None; `column` is None for text files and inline lists."""
+    subject = f"{column!r} text" if column else "text"
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return f"empty {subject}"
+    if not isinstance(value, str):
+        return f"{column!r} is not text (got {type(value).__name__})"
+    if len(value.strip()) > max_chars:
+        return f"{subject} is {len(value.strip())} characters (max_chars is {max_chars})"
+    return None
+
+
+def _cell(value) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-def read_source(src, path: Path) -> list[dict]:
-    if not path.is_file():
-        raise StageError(f"{path}: no such source file")
-    reader = _records_jsonl if src.source_format == "jsonl" else _records_csv
-    rows, seen_columns = [], set()
-    for lineno, record in reader(path):
-        seen_columns.update(record)
-        text = record.get(src.text)
-        if src.text not in record:
-            raise StageError(f"{path}:{lineno}: no {src.text!r} field (the source's text column)")
-        if not isinstance(text, str) or not text.strip():
-            raise StageError(f"{path}:{lineno}: empty or non-text {src.text!r} field")
-        pid = prompt_id(text)
-        rows.append({
-            "prompt_id": pid,
-            "parent_id": pid,
-            "source": str(path),
-            "category": _text(record.get(src.category)) if src.category else None,
-            "template_id": None,
-            "origin": "source",
-            "prompt": text.strip(),
-            "label": _text(record.get(src.label)) if src.label else None,
-        })
-    if not rows:
-        raise StageError(f"{path}: source has no rows")
-    for role in ("category", "label"):
-        column = getattr(src, role)
-        if column and column not in seen_columns:
-            raise StageError(f"{path}: no row has the {role} column {column!r}")
-    return rows
+def _to_row(src, record: Record) -> dict | str:
+    """A row of ROW_SCHEMA, or the reason this record is a bad row."""
+    columnless = _kind(src) in COLUMNLESS_FORMATS
+    column = "text" if columnless else src.text
+    fields = record.fields
+    if column not in fields:
+        return f"no {column!r} field"
+    problem = _text_problem(fields[column], None if columnless else column, src.max_chars)
+    if problem:
+        return problem
+    text = fields[column].strip()
+    pid = prompt_id(text)
+    return {
+        "prompt_id": pid,
+        "parent_id": pid,
+        "source": src.origin,
+        "category": src.category if columnless else _cell(fields.get(src.category)) if src.category else None,
+        "template_id": None,
+        "origin": "source",
+        "prompt": text,
+        "label": None if columnless or not src.label else _cell(fields.get(src.label)),
+    }
+
+
+def _kind(src) -> str:
+    if src.inline is not None:
+        return "inline"
+    if src.from_ is not None:
+        return "store"
+    return src.source_format
+
+
+def _source_name(src, index: int, path: Path | None) -> str:
+    return str(path) if path is not None else f"sources[{index}] ({src.origin})"
+
+
+def read_source(src, *, path: Path | None = None, store=None, index: int = 0) -> SourceRead:
+    """Read one source into good rows and bad rows, stopping after `limit` good rows."""
+    name = _source_name(src, index, path)
+    kind = _kind(src)
+    if kind in ("inline", "text") and src.label:
+        raise StageError(f"{name}: label: a {kind} source has no columns to take a label from")
+    records = _records(src, kind, path, store, name)
+    read, seen_columns = SourceRead(name), {}
+    for record in records:
+        seen_columns.update(dict.fromkeys(record.fields or ()))
+        row = record.problem or _to_row(src, record)
+        if isinstance(row, str):
+            read.bad.append(BadRow(record.where, row, record.raw))
+            continue
+        read.rows.append(row)
+        if src.limit is not None and len(read.rows) >= src.limit:
+            break
+    if kind == "jsonl" and seen_columns:
+        _require_columns(src, seen_columns, name)  # no header: a column no row has is a typo in the spec
+    return read
+
+
+def _records(src, kind: str, path: Path | None, store, name: str) -> Iterator[Record]:
+    if kind == "inline":
+        return _records_inline(src)
+    if kind == "store":
+        return _records_store(src, store, name)
+    if path is None or not path.is_file():
+        raise StageError(f"{path or src.path}: no such source file")
+    if path.stat().st_size == 0:
+        raise StageError(f"{path}: source file is empty")
+    readers = {"jsonl": _records_jsonl, "csv": _records_csv, "parquet": _records_parquet, "text": _records_text}
+    return readers[kind](path, src)
+
+
+def check_bad_rows(src, read: SourceRead) -> None:
+    """Stop the run when a source has more bad rows than it tolerates, or nothing usable."""
+    shown = "; ".join(str(b) for b in read.bad[:SHOWN_BAD_ROWS])
+    if len(read.bad) > src.max_bad_rows:
+        count = f"{len(read.bad)} bad row{'s' if len(read.bad) != 1 else ''}"
+        raise StageError(f"{read.name}: {count} (max_bad_rows is {src.max_bad_rows}): {shown}")
+    if not read.rows:
+        raise StageError(f"{read.name}: no usable rows ({shown})" if read.bad else f"{read.name}: source has no rows")
+
+
+def bad_row_rejections(src, read: SourceRead, stage: str) -> pl.DataFrame:
+    """Tolerated bad rows as rejections: the raw line (truncated), identified by its hash."""
+    if not read.bad:
+        return pl.DataFrame(schema=REJECTION_SCHEMA)
+    frame = pl.DataFrame({
+        "prompt_id": [hashlib.sha256(b.raw).hexdigest() for b in read.bad],
+        "source": [src.origin] * len(read.bad),
+        "prompt": [_preview(b.raw) for b in read.bad],
+    })
+    return rejections(frame, stage, pl.Series([str(b) for b in read.bad], dtype=pl.String))
+
+
+def _preview(raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="replace")
+    return text if len(text) <= RAW_PREVIEW_CHARS else text[: RAW_PREVIEW_CHARS - 1] + "…"
 
 
 class Sources:
@@ -100,11 +337,17 @@ class Sources:
 
     def run(self, frame: pl.DataFrame | None, ctx: RunContext):
         spec = ctx.spec
-        rows = []
-        for src in spec.sources:
-            rows.extend(read_source(src, spec.resolve_path(src.path)))
+        rows, rejected, bad_rows = [], [], 0
+        for index, src in enumerate(spec.sources):
+            path = spec.resolve_path(src.path) if src.path is not None else None
+            read = read_source(src, path=path, store=ctx.store, index=index)
+            check_bad_rows(src, read)
+            rows.extend(read.rows)
+            rejected.append(bad_row_rejections(src, read, self.name))
+            bad_rows += len(read.bad)
         all_rows = pl.DataFrame(rows, schema=ROW_SCHEMA)
         is_first = all_rows["prompt_id"].is_first_distinct()
         kept, dupes = all_rows.filter(is_first), all_rows.filter(~is_first)
-        stats = {"read": all_rows.height, "kept": kept.height, "duplicates": dupes.height}
-        return kept, rejections(dupes, self.name, "duplicate of an earlier prompt"), stats
+        rejected.append(rejections(dupes, self.name, "duplicate of an earlier prompt"))
+        stats = {"read": all_rows.height + bad_rows, "kept": kept.height, "duplicates": dupes.height, "bad_rows": bad_rows}
+        return kept, pl.concat(rejected), stats
