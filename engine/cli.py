@@ -25,15 +25,10 @@ def _spec(path: Path):
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="spec file (YAML)")):
     """Check a spec: fields, files and templates. Errors name the file and the field."""
-    from engine.templates import load_template
+    from engine.templates import check_spec_templates
 
     s = _spec(spec)
-    if s.teacher.prompt:
-        load_template(s.resolve_path(s.teacher.prompt))
-    if s.training.student_prompt:
-        from engine.templates import compile_template
-
-        compile_template(s.training.student_prompt, f"{spec}: training.student_prompt")
+    check_spec_templates(s)
     out.print(f"{spec}: ok — dataset {s.name!r}, {len(s.sources)} source(s), {len(s.students)} student(s)")
 
 
