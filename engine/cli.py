@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from engine import cli_store  # noqa: F401  (registers the store commands)
+from engine import cli_init  # noqa: F401  (registers `syllabus init`)
 from engine.cli_common import StoreOption, app, err, open_store, out
 
 
