@@ -1,0 +1,50 @@
+"""Embed: add an `embedding` column (L2-normalised float32 array) for each row's prompt.
+
+Dedup and diversity read it; the pipeline drops it before committing. Vectors come from
+the per-text cache where they are there (engine.embed), so a re-run embeds nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from engine.embed import embed_texts
+from engine.stages.base import RunContext, StageError, no_rejections
+
+COLUMN = "embedding"
+
+
+def with_embeddings(frame: pl.DataFrame, vectors: np.ndarray) -> pl.DataFrame:
+    """`frame` plus the `embedding` column holding `vectors` (one row each)."""
+    if vectors.shape[0] != frame.height:
+        raise ValueError(f"{vectors.shape[0]} vectors for {frame.height} rows")
+    dtype = pl.Array(pl.Float32, vectors.shape[1])
+    return frame.with_columns(pl.Series(COLUMN, vectors.astype(np.float32, copy=False), dtype=dtype))
+
+
+def embedding_matrix(frame: pl.DataFrame, ctx: RunContext) -> np.ndarray:
+    """The frame's `embedding` column as an (n, d) float32 array; embeds the prompts if it is absent."""
+    if COLUMN not in frame.columns:
+        return embed_texts(frame["prompt"].to_list(), ctx.spec.embed, ctx.cache_dir,
+                           progress=ctx.progress, counters=ctx.counters)
+    dtype = frame.schema[COLUMN]
+    if not isinstance(dtype, pl.Array):
+        raise StageError(f"column {COLUMN!r} must be a fixed-size float array, not {dtype}")
+    if frame.height == 0:
+        return np.zeros((0, dtype.size), dtype=np.float32)
+    return np.ascontiguousarray(frame[COLUMN].to_numpy(), dtype=np.float32)
+
+
+class Embed:
+    name = "embed"
+
+    def run(self, frame: pl.DataFrame, ctx: RunContext):
+        counters = ctx.counters
+        before = counters.get("embedded", 0)
+        vectors = embed_texts(frame["prompt"].to_list(), ctx.spec.embed, ctx.cache_dir,
+                              progress=ctx.progress, counters=counters)
+        embedded = counters["embedded"] - before
+        stats = {"rows": frame.height, "embedded": embedded, "cached": frame.height - embedded,
+                 "dim": int(vectors.shape[1])}
+        return with_embeddings(frame, vectors), no_rejections(), stats
