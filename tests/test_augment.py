@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from engine.spec import Augment as AugmentSpec
-from engine.spec import Coverage
+from engine.spec import Coverage, Teacher
 from engine.stages import augment as augment_module
 from engine.stages.augment import ASK_AGAIN, Augment, clean_rewrite, combinations, top_up
 from engine.stages.base import REJECTION_SCHEMA, RunContext, prompt_id
@@ -30,7 +30,9 @@ def context(tmp_path, entries: list[dict], templates: dict[str, str], cap: int =
         (tmp_path / name).write_text(text)
     augment = [AugmentSpec(**dict(e, template=str(tmp_path / e["template"]))) for e in entries]
     coverage = Coverage(categories={"x": {}, "y": {}}, augment_cap=cap)
-    return RunContext(spec=FakeSpec(augment=augment, coverage=coverage), cache_dir=tmp_path, progress=False)
+    teacher = Teacher(model="fake", generation={"max_new_tokens": 8})
+    return RunContext(spec=FakeSpec(augment=augment, coverage=coverage, teacher=teacher), cache_dir=tmp_path,
+                      progress=False)
 
 
 def originals(prompts, categories=None) -> pl.DataFrame:
@@ -43,13 +45,13 @@ def originals(prompts, categories=None) -> pl.DataFrame:
     }, schema=ROW_SCHEMA)
 
 
-def fake_teacher(monkeypatch, reply):
+def fake_teacher(monkeypatch, reply, tokens=lambda text: [0] * 3):
     """Replace the cached teacher call: `reply(request) -> text`; records (label, requests) per call."""
     calls = []
 
     def ask(ctx, prompts, label="teach"):
         calls.append((label, list(prompts)))
-        return [SimpleNamespace(text=reply(p)) for p in prompts], len(prompts)
+        return [SimpleNamespace(text=reply(p), token_ids=tokens(reply(p))) for p in prompts], len(prompts)
 
     monkeypatch.setattr(augment_module, "ask_teacher", ask)
     return calls
@@ -73,7 +75,8 @@ def test_grid_expands_every_combination_with_stable_ids(tmp_path):
     assert set(variations["source"]) == {"s.jsonl"} and set(variations["category"]) == {"x"}
     assert kept["parent_id"].to_list() == [frame["prompt_id"][0]] * 7 + [frame["prompt_id"][1]] * 7
     assert kept[7, "prompt"] == "Is it bad?"  # each original followed by its variations
-    assert stats == {"originals": 2, "variations": 12, "by_teacher": 0, "empty": 0, "identical": 0, "teacher_calls": 0}
+    assert stats == {"originals": 2, "variations": 12, "by_teacher": 0, "empty": 0, "identical": 0,
+                     "cut_off": 0, "teacher_calls": 0}
 
 
 def test_entry_applies_to_its_categories_only_and_no_vars_means_one_variation(tmp_path):
@@ -122,14 +125,15 @@ def test_sample_is_seeded_by_entry_and_parent():
 
 
 def test_sampled_variations_are_stable_across_runs(tmp_path):
-    ctx = context(tmp_path, [{"template": "t.j2", "vars": GRID, "sample": 2, "seed": 1}], {"t.j2": "{{ prompt }} {{ a }}{{ b }}"})
+    ctx = context(tmp_path, [{"template": "t.j2", "vars": GRID, "sample": 2, "seed": 1}],
+                  {"t.j2": "{{ prompt }} {{ a }}{{ b }}"})
     frame = originals([f"prompt {i}" for i in range(6)])
     once, _, _ = Augment().run(frame, ctx)
     again, _, _ = Augment().run(frame, ctx)
     assert once.height == 6 * 3
     assert once.equals(again)
-    suffixes = [tuple(p.split(" ")[-1] for p in g["prompt"][1:]) for _, g in once.group_by("parent_id", maintain_order=True)]
-    assert len(set(suffixes)) > 1
+    per_parent = once.group_by("parent_id", maintain_order=True).agg(pl.col("prompt").str.split(" ").list.last())
+    assert len({tuple(combos[1:]) for combos in per_parent["prompt"]}) > 1  # parents drew different combinations
 
 
 # --- teacher rewrites ------------------------------------------------------------------
@@ -170,6 +174,19 @@ def test_a_teacher_reply_that_repeats_the_prompt_is_rejected(tmp_path, monkeypat
     kept, rejected, stats = Augment().run(originals(["Is it ok?"]), ctx)
     assert kept.height == 1 and rejected["reason"].to_list() == ["identical to its parent"]
     assert stats["identical"] == 1
+
+
+def test_a_teacher_reply_that_used_every_token_is_cut_off(tmp_path, monkeypatch):
+    # max_new_tokens is 8: a reply of 8 tokens was stopped by the limit, not by the teacher.
+    fake_teacher(monkeypatch, lambda request: request.replace("Rewrite: ", "New: "),
+                 tokens=lambda text: [0] * (8 if "long" in text else 5))
+    ctx = context(tmp_path, [{"template": "ask.j2", "teacher": True}], {"ask.j2": "Rewrite: {{ prompt }}"})
+    kept, rejected, stats = Augment().run(originals(["a long one", "short"]), ctx)
+    assert kept["prompt"].to_list() == ["a long one", "short", "New: short"]
+    assert list(zip(rejected["prompt"], rejected["reason"])) == [
+        ("New: a long one", "teacher rewrite cut off at teacher.generation.max_new_tokens")]
+    assert stats["cut_off"] == 1
+    assert top_up(originals(["a long one"]), "x", 2, 1, set(), ctx).height == 0
 
 
 def test_no_teacher_call_without_teacher_entries(tmp_path, monkeypatch):

@@ -157,7 +157,8 @@ def test_select_reports_shortfall_from_the_context_rejections():
     ctx = context({"total": 10, "categories": {"x": {"share": 0.5}}}, rejected=[dropped("mine", "x", 4)])
     kept, rejected, stats = Select().run(frame, ctx)
     assert kept.height == 2 and rejected.height == 0
-    assert stats["shortfall"] == {"x": {"target": 5, "have": 2, "short_by": 3, "why": "too few in band: mine dropped 4 of 6"}}
+    assert stats["shortfall"] == {
+        "x": {"target": 5, "have": 2, "short_by": 3, "why": "too few in band: mine dropped 4 of 6"}}
     assert shortfalls(frame, ctx.spec.coverage, []) == {
         "x": {"target": 5, "have": 2, "short_by": 3,
               "why": "too few from sources: 2 made by sources and augmentation for a target of 5"}}

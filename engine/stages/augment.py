@@ -30,6 +30,7 @@ from engine.templates import load_template, render
 
 EMPTY = "empty variation"
 IDENTICAL = "identical to its parent"
+CUT_OFF = "teacher rewrite cut off at teacher.generation.max_new_tokens"
 # Appended to a teacher request in a top-up round when the template ignores `round`, so the
 # (cached, usually greedy) teacher is asked something new and can answer with a new wording.
 ASK_AGAIN = "\n\nWrite a wording different from any earlier one (variation {n})."
@@ -124,12 +125,27 @@ def candidates(parent: dict, entries: list, spec, round: int = 0, extra: int = 0
     return out
 
 
-def ask_for_rewrites(cands: list[Candidate], ctx: RunContext, label: str) -> tuple[list[str], int]:
-    """The new prompt of each candidate: its rendered text, or the teacher's cleaned reply (one batch)."""
+def ask_for_rewrites(cands: list[Candidate], ctx: RunContext, label: str) -> tuple[list[str], list[str | None], int]:
+    """The new prompt of each candidate: its rendered text, or the teacher's cleaned reply (one batch).
+
+    Returns (texts, problems, teacher calls): a reply that used every allowed token was cut
+    off mid-sentence, so its problem is CUT_OFF (it would be a truncated prompt).
+    """
     requests = [c.text for c in cands if c.by_teacher]
     replies, calls = ask_teacher(ctx, requests, label) if requests else ([], 0)
+    limit = ctx.spec.teacher.generation.max_new_tokens if requests else None
     replies = iter(replies)
-    return [clean_rewrite(next(replies).text) if c.by_teacher else c.text for c in cands], calls
+    texts, problems = [], []
+    for cand in cands:
+        if not cand.by_teacher:
+            texts.append(cand.text)
+            problems.append(None)
+            continue
+        reply = next(replies)
+        tokens = getattr(reply, "token_ids", None)
+        texts.append(clean_rewrite(reply.text))
+        problems.append(CUT_OFF if tokens is not None and len(tokens) >= limit else None)
+    return texts, problems, calls
 
 
 def variation_row(candidate: Candidate, text: str, columns) -> dict:
@@ -162,13 +178,13 @@ class Augment:
         rows = frame.to_dicts()
         cands = [c for r in rows if r["origin"] == "source"
                  for c in candidates(r, entries_for(spec, r["category"]), spec)]
-        texts, calls = ask_for_rewrites(cands, ctx, self.name)
+        texts, problems, calls = ask_for_rewrites(cands, ctx, self.name)
 
         made: dict[str, list[dict]] = {}
         bad, reasons = [], []
-        for cand, text in zip(cands, texts):
+        for cand, text, problem in zip(cands, texts, problems):
             row = variation_row(cand, text, frame.columns)
-            why = flaw(text, cand.parent)
+            why = problem or flaw(text, cand.parent)
             if why:
                 bad.append(row)
                 reasons.append(why)
@@ -189,6 +205,7 @@ class Augment:
             "by_teacher": origins["teacher"],
             "empty": why[EMPTY],
             "identical": why[IDENTICAL],
+            "cut_off": why[CUT_OFF],
             "teacher_calls": calls,
         }
         return kept, rejections(dropped, self.name, pl.Series(reasons, dtype=pl.String)), stats
@@ -224,10 +241,10 @@ def top_up(originals: pl.DataFrame, category: str, needed: int, round: int, exis
         picks = _take_turns(parents, queues, budget, seen, needed - len(out))
         if not picks:
             break
-        texts, _ = ask_for_rewrites(picks, ctx, f"top-up {category}")
-        for cand, text in zip(picks, texts):
+        texts, problems, _ = ask_for_rewrites(picks, ctx, f"top-up {category}")
+        for cand, text, problem in zip(picks, texts, problems):
             if cand.by_teacher:  # known only now: check it as _take_turns checked the templates
-                if flaw(text, cand.parent) or prompt_id(text) in seen:
+                if problem or flaw(text, cand.parent) or prompt_id(text) in seen:
                     budget[cand.parent["prompt_id"]] += 1  # the turn made nothing, so it is not spent
                     continue
                 seen.add(prompt_id(text))
