@@ -1,7 +1,14 @@
-"""Read-only DuckDB SQL over one version's Parquet files.
+"""Read-only DuckDB SQL over versions' Parquet files.
+
+Views: the tables of the version bound by `at` (`examples`, `rejections`, ... and `tokens`), and
+any version by name, `<dataset>_v<N>_<table>`, `<dataset>_latest_<table>` or `<dataset>_<tag>_<table>`,
+created only for the names the query mentions; `syllabus_versions` lists every version.
+
+A view reads its files through `read_parquet`; a file shared with a parent that lost some rows
+in this version carries a deletion vector, applied as an anti-join on `file_row_number`.
 
 Two locks, because either alone leaks:
-- DuckDB's own: `enable_external_access=false` with `allowed_paths` = the version's files, then
+- DuckDB's own: `enable_external_access=false` with `allowed_paths` = the views' files, then
   `lock_configuration`. Nothing outside those files can be read, written, attached or loaded, and
   the query cannot undo the settings. But allowed paths are writable too (COPY ... TO one of them
   with use_tmp_file false overwrites it), and in-memory CREATE/INSERT still work.
@@ -11,12 +18,11 @@ Two locks, because either alone leaks:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import duckdb
 import pyarrow as pa
 
 from .errors import StoreError
+from .layout import Segment
 
 _READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
@@ -32,16 +38,40 @@ _TOKEN_LISTS = {
 }
 
 
-def run_sql(query: str, tables: dict[str, list[Path]] | None = None) -> pa.Table:
-    """Run one read-only statement; `tables` (name -> files) become views, plus `tokens`."""
-    statement = _parse(query)
+def run_sql(query: str, views: dict[str, list[Segment]] | None = None,
+            extra_tables: dict[str, pa.Table] | None = None) -> pa.Table:
+    """Run one read-only statement; `views` (name -> segments) become views, `examples`-like ones
+    (named `examples` or `*_examples`) get a matching `tokens` view."""
+    statement = parse(query)
     con = duckdb.connect(":memory:")
     try:
-        files = [str(p) for paths in (tables or {}).values() for p in paths]
-        for name, paths in (tables or {}).items():
-            con.execute(f"CREATE VIEW {_quote(name)} AS SELECT * FROM read_parquet({_list(paths)})")
-        if "examples" in (tables or {}):
-            _tokens_view(con)
+        files: list[str] = []
+        dv = 0
+        for name, segments in (views or {}).items():
+            parts = []
+            plain = [str(s.path) for s in segments if s.live_mask() is None]
+            if plain or not segments:
+                parts.append(f"SELECT * FROM read_parquet({_list(plain)})")
+            for seg in segments:
+                if seg.live_mask() is None:
+                    continue
+                dv += 1
+                con.register("_dv_src", pa.table({"pos": pa.array(seg.deleted.astype("int64"))}))
+                con.execute(f"CREATE TABLE _dv{dv} AS SELECT pos FROM _dv_src")
+                con.unregister("_dv_src")
+                parts.append(f"SELECT * EXCLUDE (file_row_number) FROM read_parquet({_list([seg.path])},"
+                             f" file_row_number=true) WHERE file_row_number NOT IN (SELECT pos FROM _dv{dv})")
+            files += [str(s.path) for s in segments]
+            con.execute(f"CREATE VIEW {_quote(name)} AS {' UNION ALL '.join(parts)}")
+        for name, table in (extra_tables or {}).items():
+            con.register("_extra_src", table)
+            con.execute(f"CREATE TABLE {_quote(name)} AS SELECT * FROM _extra_src")
+            con.unregister("_extra_src")
+        for name in list(views or {}):
+            if name == "examples" or name.endswith("_examples"):
+                tokens = name[: -len("examples")] + "tokens"
+                if tokens not in (views or {}):
+                    _tokens_view(con, name, tokens)
         _lock(con, files)
         return con.sql(statement.query).to_arrow_table()
     except duckdb.Error as e:
@@ -50,19 +80,19 @@ def run_sql(query: str, tables: dict[str, list[Path]] | None = None) -> pa.Table
         con.close()
 
 
-def tokens_view_sql(columns: list[str]) -> str | None:
+def tokens_view_sql(columns: list[str], source: str = "examples", name: str = "tokens") -> str | None:
     """The `tokens` view over `examples` with these columns, or None without token_ids."""
     if "token_ids" not in columns:
         return None
     keys = [c for c in _TOKEN_KEYS if c in columns]
-    lists = [f"{expr} AS {name}" for name, expr in _TOKEN_LISTS.items()
-             if name in ("position", "token_id") or name in columns]
-    return f"CREATE VIEW tokens AS SELECT {', '.join(keys + lists)} FROM examples"
+    lists = [f"{expr} AS {col}" for col, expr in _TOKEN_LISTS.items()
+             if col in ("position", "token_id") or col in columns]
+    return f"CREATE VIEW {_quote(name)} AS SELECT {', '.join(keys + lists)} FROM {_quote(source)}"
 
 
-def _tokens_view(con: duckdb.DuckDBPyConnection) -> None:
-    columns = [r[0] for r in con.execute("DESCRIBE examples").fetchall()]
-    sql = tokens_view_sql(columns)
+def _tokens_view(con: duckdb.DuckDBPyConnection, source: str, name: str) -> None:
+    columns = [r[0] for r in con.execute(f"DESCRIBE {_quote(source)}").fetchall()]
+    sql = tokens_view_sql(columns, source, name)
     if sql:
         con.execute(sql)
 
@@ -71,12 +101,13 @@ def _lock(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:
     # Views read their files lazily, so those exact paths must stay reachable.
     con.execute(f"SET allowed_paths = {_list(files)}")
     con.execute("SET enable_external_access = false")
+    con.execute("SET python_enable_replacements = false")  # no reading the caller's Python variables
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")
     con.execute("SET lock_configuration = true")
 
 
-def _parse(query: str) -> duckdb.Statement:
+def parse(query: str) -> duckdb.Statement:
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as e:
@@ -96,6 +127,10 @@ def _list(paths) -> str:
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def quote(name: str) -> str:
+    return _quote(name)
 
 
 def _first_line(e: Exception) -> str:

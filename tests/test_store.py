@@ -123,10 +123,13 @@ def test_resolve_forms_and_errors(s):
     with pytest.raises(store.StoreError) as e:
         s.resolve("demo@9")
     assert str(e.value) == "dataset 'demo' has no version 9 (latest is 2)"
-    for bad in ("demo@x", "demo@", "@3", "demo@1@2", ""):
+    for bad in ("demo@", "@3", "demo@1@2", ""):
         with pytest.raises(store.StoreError) as e:
             s.resolve(bad)
-        assert str(e.value) == f"bad version reference {bad!r}: use NAME, NAME@N or NAME@latest"
+        assert str(e.value) == f"bad version reference {bad!r}: use NAME, NAME@N, NAME@latest or NAME@TAG"
+    with pytest.raises(store.StoreError) as e:
+        s.resolve("demo@x")
+    assert str(e.value) == "dataset 'demo' has no version or tag 'x' (tags: none)"
     with pytest.raises(store.StoreError, match="no dataset 'foo'"):
         s.versions("foo")
     assert [v.ref for v in s.versions()] == ["demo@1", "demo@2", "alpha@1"]
@@ -213,8 +216,9 @@ def test_sql_refuses_writes(s, tmp_path, query):
 ])
 def test_sql_reads_only_the_version(s, query):
     s.commit("demo", {"examples": examples(2)}, lineage(), parent=None)
-    s.commit("demo", {"examples": examples(3)}, lineage(), parent=1)
+    s.commit("demo", {"examples": examples(3, offset=10)}, lineage(), parent=1)  # shares no row, so no file
     other = s.resolve("demo@1").files["examples"][0]
+    assert other not in s.resolve("demo@2").files["examples"]
     with pytest.raises(store.StoreError, match="Permission Error"):
         s.sql(query.format(other=other), at="demo@2")
 
