@@ -31,6 +31,8 @@ class TeacherCache:
             "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT, k INTEGER,"
             " token_ids BLOB, token_logprobs BLOB, topk_ids BLOB, topk_logprobs BLOB)"
         )
+        # Measured generation speed, so `plan` can estimate the time of the calls still to pay.
+        self.db.execute("CREATE TABLE IF NOT EXISTS speed (fingerprint TEXT, rows INTEGER, tokens INTEGER, seconds REAL)")
         self.db.commit()
 
     def get_many(self, keys: list[str]) -> dict[str, TeacherOutput]:
@@ -48,6 +50,16 @@ class TeacherCache:
                 "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [_encode(key, out) for key, out in items.items()],
             )
+
+    def record_speed(self, fingerprint: str, rows: int, tokens: int, seconds: float) -> None:
+        with self.db:
+            self.db.execute("INSERT INTO speed VALUES (?, ?, ?, ?)", (fingerprint, rows, tokens, seconds))
+
+    def speed(self, fingerprint: str) -> tuple[float, float] | None:
+        """(seconds per row, tokens per row) over the recorded runs of this teacher, or None."""
+        rows, tokens, seconds = self.db.execute(
+            "SELECT sum(rows), sum(tokens), sum(seconds) FROM speed WHERE fingerprint = ?", (fingerprint,)).fetchone()
+        return (seconds / rows, tokens / rows) if rows else None
 
     def close(self) -> None:
         self.db.close()

@@ -126,7 +126,7 @@ class Coverage(Strict):
     categories: dict[str, Category] = Field(min_length=1)
     augment_until_quota: bool = False
     augment_rounds: int = Field(3, ge=1)  # at most this many top-up rounds per run
-    augment_cap: int = Field(4, ge=1)  # at most this many extra variations per original prompt
+    augment_cap: int = Field(4, ge=1)  # at most this many variations per original prompt, all rounds together
 
     @model_validator(mode="after")
     def _consistent(self) -> "Coverage":
@@ -153,6 +153,7 @@ class Augment(Strict):
     sample: int | None = Field(None, ge=1)  # ... or this many combinations per prompt, seeded
     seed: int = 0
     teacher: bool = False  # ask the teacher to write the variation from the rendered template
+    max_new_tokens: int | None = Field(None, ge=1)  # teacher rewrites: reply length (default: teacher.generation's)
 
 
 class Embed(Strict):

@@ -49,7 +49,7 @@ def fake_teacher(monkeypatch, reply, tokens=lambda text: [0] * 3):
     """Replace the cached teacher call: `reply(request) -> text`; records (label, requests) per call."""
     calls = []
 
-    def ask(ctx, prompts, label="teach"):
+    def ask(ctx, prompts, label="teach", max_new_tokens=None):
         calls.append((label, list(prompts)))
         return [SimpleNamespace(text=reply(p), token_ids=tokens(reply(p))) for p in prompts], len(prompts)
 
@@ -184,7 +184,7 @@ def test_a_teacher_reply_that_used_every_token_is_cut_off(tmp_path, monkeypatch)
     kept, rejected, stats = Augment().run(originals(["a long one", "short"]), ctx)
     assert kept["prompt"].to_list() == ["a long one", "short", "New: short"]
     assert list(zip(rejected["prompt"], rejected["reason"])) == [
-        ("New: a long one", "teacher rewrite cut off at teacher.generation.max_new_tokens")]
+        ("New: a long one", augment_module.CUT_OFF)]
     assert stats["cut_off"] == 1
     assert top_up(originals(["a long one"]), "x", 2, 1, set(), ctx).height == 0
 

@@ -58,7 +58,7 @@ def test_bad_source_line_is_one_line_error_and_nothing_is_written(project):
         f.write('{"text": "fine"}\n{"gold": "positive"}\n')
     result = cli(project, "run", "spec.yaml", "-q")
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: reviews.jsonl:8: no 'text' field (the source's text column)"
+    assert result.stderr.strip() == "error: reviews.jsonl: 1 bad row (max_bad_rows is 0): line 8: no 'text' field"
     assert store.open(project / "store").versions() == []
 
 
@@ -74,8 +74,8 @@ def test_interrupted_run_leaves_no_version_and_keeps_answers(project, monkeypatc
     spec, st = load_spec(project / "spec.yaml"), store.open(project / "store")
     real_generate = teach._generate
 
-    def generate_then_interrupt(todo, ctx, cache, label):
-        real_generate(todo[:2], ctx, cache, label)  # two answers reach the cache, then Ctrl-C
+    def generate_then_interrupt(todo, ctx, cache, label, max_new_tokens=None):
+        real_generate(todo[:2], ctx, cache, label, max_new_tokens)  # two answers reach the cache, then Ctrl-C
         raise KeyboardInterrupt
 
     monkeypatch.setattr(teach, "_generate", generate_then_interrupt)

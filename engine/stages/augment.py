@@ -30,7 +30,7 @@ from engine.templates import load_template, render
 
 EMPTY = "empty variation"
 IDENTICAL = "identical to its parent"
-CUT_OFF = "teacher rewrite cut off at teacher.generation.max_new_tokens"
+CUT_OFF = "teacher rewrite cut off at max_new_tokens (raise augment[].max_new_tokens)"
 # Appended to a teacher request in a top-up round when the template ignores `round`, so the
 # (cached, usually greedy) teacher is asked something new and can answer with a new wording.
 ASK_AGAIN = "\n\nWrite a wording different from any earlier one (variation {n})."
@@ -105,6 +105,7 @@ class Candidate:
     template_id: str
     text: str
     by_teacher: bool
+    max_new_tokens: int | None = None  # the teacher's reply length for this entry (None: teacher's own)
 
 
 def entries_for(spec, category: str | None) -> list:
@@ -121,7 +122,7 @@ def candidates(parent: dict, entries: list, spec, round: int = 0, extra: int = 0
             text = render(template, {**row, "round": round, **combo})
             if entry.teacher and round and text == render(template, {**row, "round": 0, **combo}):
                 text += ASK_AGAIN.format(n=round + 1)
-            out.append(Candidate(parent, template_id(entry, combo, round), text, entry.teacher))
+            out.append(Candidate(parent, template_id(entry, combo, round), text, entry.teacher, entry.max_new_tokens))
     return out
 
 
@@ -131,17 +132,21 @@ def ask_for_rewrites(cands: list[Candidate], ctx: RunContext, label: str) -> tup
     Returns (texts, problems, teacher calls): a reply that used every allowed token was cut
     off mid-sentence, so its problem is CUT_OFF (it would be a truncated prompt).
     """
-    requests = [c.text for c in cands if c.by_teacher]
-    replies, calls = ask_teacher(ctx, requests, label) if requests else ([], 0)
-    limit = ctx.spec.teacher.generation.max_new_tokens if requests else None
-    replies = iter(replies)
+    default_limit = ctx.spec.teacher.generation.max_new_tokens
+    replies, calls = {}, 0
+    # One teacher batch per reply length (entries may set their own max_new_tokens).
+    for limit in {c.max_new_tokens or default_limit for c in cands if c.by_teacher}:
+        group = [i for i, c in enumerate(cands) if c.by_teacher and (c.max_new_tokens or default_limit) == limit]
+        outs, n = ask_teacher(ctx, [cands[i].text for i in group], label, max_new_tokens=limit)
+        replies.update(zip(group, outs))
+        calls += n
     texts, problems = [], []
-    for cand in cands:
+    for i, cand in enumerate(cands):
         if not cand.by_teacher:
             texts.append(cand.text)
             problems.append(None)
             continue
-        reply = next(replies)
+        reply, limit = replies[i], cand.max_new_tokens or default_limit
         tokens = getattr(reply, "token_ids", None)
         texts.append(clean_rewrite(reply.text))
         problems.append(CUT_OFF if tokens is not None and len(tokens) >= limit else None)

@@ -6,6 +6,8 @@ and the teacher is not even loaded when every answer is cached.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -28,12 +30,16 @@ def teacher_prompts(frame: pl.DataFrame, spec) -> list[str]:
     return [text + suffix for text in texts]
 
 
-def generation_params(spec) -> dict:
+def generation_params(spec, max_new_tokens: int | None = None) -> dict:
     t = spec.teacher
-    return {"generation": t.generation.model_dump(), "top_k": t.logprobs.top_k}
+    generation = t.generation.model_dump()
+    if max_new_tokens:
+        generation["max_new_tokens"] = max_new_tokens
+    return {"generation": generation, "top_k": t.logprobs.top_k}
 
 
-def ask_teacher(ctx: RunContext, prompts: list[str], label: str = "teach") -> tuple[list, int]:
+def ask_teacher(ctx: RunContext, prompts: list[str], label: str = "teach", *,
+                max_new_tokens: int | None = None) -> tuple[list, int]:
     """The teacher's output for each prompt, from the cache where it is there.
 
     Returns (outputs in prompt order, number of new teacher calls). Fresh answers are
@@ -41,21 +47,22 @@ def ask_teacher(ctx: RunContext, prompts: list[str], label: str = "teach") -> tu
     """
     spec = ctx.spec
     fingerprint = teacher_fingerprint(spec.teacher)
-    params = generation_params(spec)
+    params = generation_params(spec, max_new_tokens)
     keys = [request_key(fingerprint, params, p) for p in prompts]
     cache = TeacherCache(ctx.cache_dir / "teacher.sqlite")
     try:
         answers = cache.get_many(keys)
         todo = sorted({k: p for k, p in zip(keys, prompts) if k not in answers}.items())
         if todo:
-            answers.update(_generate(todo, ctx, cache, label))
+            answers.update(_generate(todo, ctx, cache, label, params["generation"]["max_new_tokens"]))
     finally:
         cache.close()
     ctx.counters["teacher_calls"] = ctx.counters.get("teacher_calls", 0) + len(todo)
     return [answers[k] for k in keys], len(todo)
 
 
-def _generate(todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache, label: str) -> dict:
+def _generate(todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache, label: str,
+              max_new_tokens: int | None = None) -> dict:
     if ctx.teacher is None:
         ctx.teacher = load_teacher(ctx.spec.teacher)
     answers = {}
@@ -64,9 +71,13 @@ def _generate(todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache,
         task = bar.add_task(label, total=len(todo))
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
-            outs = ctx.teacher.generate([p for _, p in part], on_batch=lambda n: bar.advance(task, n))
+            began = time.perf_counter()
+            outs = ctx.teacher.generate([p for _, p in part], on_batch=lambda n: bar.advance(task, n),
+                                        max_new_tokens=max_new_tokens)
             fresh = {k: o for (k, _), o in zip(part, outs)}
             cache.put_many(fresh)
+            cache.record_speed(ctx.teacher.fingerprint, len(part), sum(len(o.token_ids) for o in outs),
+                               time.perf_counter() - began)
             answers.update(fresh)
     return answers
 

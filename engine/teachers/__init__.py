@@ -26,7 +26,8 @@ class Teacher(Protocol):
     fingerprint: str  # identity of weights + backend, recorded in lineage and cache keys
     tokenizer: object
 
-    def generate(self, prompts: list[str], on_batch: Callable[[int], None] | None = None) -> list[TeacherOutput]: ...
+    def generate(self, prompts: list[str], on_batch: Callable[[int], None] | None = None,
+                 max_new_tokens: int | None = None) -> list[TeacherOutput]: ...
 
 
 def teacher_fingerprint(spec_teacher) -> str:

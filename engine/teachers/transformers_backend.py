@@ -18,7 +18,8 @@ class TransformersTeacher:
         self.fingerprint = teacher_fingerprint(spec_teacher)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], on_batch: Callable[[int], None] | None = None) -> list[TeacherOutput]:
+    def generate(self, prompts: list[str], on_batch: Callable[[int], None] | None = None,
+                 max_new_tokens: int | None = None) -> list[TeacherOutput]:
         """One output per prompt, in order. Prompts are batched by length to limit padding."""
         encoded = [chat_prompt_ids(self.tokenizer, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -26,13 +27,13 @@ class TransformersTeacher:
         size = self.spec.batch_size
         for start in range(0, len(order), size):
             batch = order[start : start + size]
-            for i, out in zip(batch, self._generate_batch([encoded[i] for i in batch])):
+            for i, out in zip(batch, self._generate_batch([encoded[i] for i in batch], max_new_tokens)):
                 outputs[i] = out
             if on_batch:
                 on_batch(len(batch))
         return outputs  # type: ignore[return-value]
 
-    def _generate_batch(self, batch_ids: list[list[int]]) -> list[TeacherOutput]:
+    def _generate_batch(self, batch_ids: list[list[int]], max_new_tokens: int | None = None) -> list[TeacherOutput]:
         gen = self.spec.generation
         pad = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
@@ -46,7 +47,7 @@ class TransformersTeacher:
         result = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention,
-            max_new_tokens=gen.max_new_tokens,
+            max_new_tokens=max_new_tokens or gen.max_new_tokens,
             do_sample=sampling,
             temperature=gen.temperature if sampling else None,
             top_p=gen.top_p if sampling else None,
