@@ -41,11 +41,36 @@ def run(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Option
 
     s = _spec(spec)
     result = pipeline.run(s, open_store(store), progress=not quiet, console=err)
+    if not quiet:
+        err.print(pipeline.summary_table(result))
     if result.created:
         out.print(f"committed {s.name}@{result.version}: {result.rows} examples, {result.teacher_calls} teacher calls")
     else:
         out.print(f"nothing new: {s.name}@{result.version} already holds this data "
                   f"({result.rows} examples, {result.teacher_calls} teacher calls)")
+
+
+@app.command()
+def plan(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optional[Path] = StoreOption):
+    """What `run` would do: cached stages, teacher calls still to pay and their estimated time."""
+    from rich.table import Table
+
+    from engine.plan import make_plan
+
+    s = _spec(spec)
+    p = make_plan(s, open_store(store))
+    table = Table(title=f"plan for {s.name}")
+    table.add_column("stage")
+    table.add_column("status")
+    for name, status in p.stages:
+        table.add_row(name, status)
+    out.print(table)
+    bound = "" if p.calls_exact else "at most "
+    if p.teacher_calls == 0:
+        out.print("teacher calls to pay: 0 (every answer is cached)")
+    else:
+        out.print(f"teacher calls to pay: {bound}{p.teacher_calls} of {p.teacher_rows} prompts "
+                  f"(about {p.seconds / 60:.1f} min; {p.speed_source})")
 
 
 @app.command()

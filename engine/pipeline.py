@@ -1,11 +1,18 @@
 """Execute a spec: run the stages in order, then commit one version to the store.
 
+Stage order: sources → assign → augment → embed → dedup → teach → confidence → mine
+→ diversity → select → split (a stage the spec does not ask for is left out).
+Each stage's result is cached by content (engine.stage_cache), so a re-run starts from
+the deepest stage whose output is already known, and changing only the band or a quota
+re-runs selection without calling the teacher or the embedder.
+
 Nothing reaches the store until every stage has finished: a run that fails or is
-interrupted leaves no version behind (completed teacher answers stay in the cache).
+interrupted leaves no version behind (completed teacher answers and embeddings stay cached).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -16,13 +23,10 @@ from rich.table import Table
 import engine
 import store as store_api
 from engine.errors import Interrupted
+from engine.stage_cache import CACHED_STAGES, StageCache, file_digest, stage_key
 from engine.stages.base import RunContext, no_rejections
-from engine.stages.confidence import Confidence
-from engine.stages.mine import Mine
-from engine.stages.sources import Sources
-from engine.stages.split import Split
-from engine.stages.teach import Teach
 from engine.teachers import teacher_fingerprint
+from engine.templates import check_spec_templates
 
 EXAMPLE_COLUMNS = [
     "prompt_id", "parent_id", "source", "category", "template_id", "origin", "cluster", "split", "prompt", "label",
@@ -32,8 +36,107 @@ EXAMPLE_COLUMNS = [
 ]
 
 
-def stages() -> list:
-    return [Sources(), Teach(), Confidence(), Mine(), Split()]
+def needs_embeddings(spec) -> bool:
+    return bool(spec.dedup.semantic or spec.dedup.against or spec.diversity)
+
+
+def stages_for(spec) -> list:
+    """The stages this spec asks for, in order."""
+    from engine.stages.confidence import Confidence
+    from engine.stages.mine import Mine
+    from engine.stages.sources import Sources
+    from engine.stages.split import Split
+    from engine.stages.teach import Teach
+
+    chosen = [Sources()]
+    if spec.coverage:
+        from engine.stages.coverage import Assign
+
+        chosen.append(Assign())
+    if spec.augment:
+        from engine.stages.augment import Augment
+
+        chosen.append(Augment())
+    if needs_embeddings(spec):
+        from engine.stages.embed import Embed
+
+        chosen.append(Embed())
+    if spec.dedup.exact or spec.dedup.semantic or spec.dedup.against:
+        from engine.stages.dedup import Dedup
+
+        chosen.append(Dedup())
+    chosen += [Teach(), Confidence(), Mine()]
+    if spec.diversity:
+        from engine.stages.diversity import Diversity
+
+        chosen.append(Diversity())
+    if spec.coverage:
+        from engine.stages.select import Select
+
+        chosen.append(Select())
+    chosen.append(Split())
+    return chosen
+
+
+def _dump(model) -> object:
+    return None if model is None else model.model_dump(mode="json", by_alias=True)
+
+
+def stage_config(name: str, spec, st) -> object:
+    """The slice of the spec (and the files it names) that a stage's output depends on."""
+    def files(paths):
+        return {p: file_digest(spec.resolve_path(p)) for p in paths if p}
+
+    def version_of(ref):
+        return st.resolve(ref).ref if ref else None  # NAME@latest pins to a number
+
+    if name == "sources":
+        return [[_dump(s), files([s.path]), version_of(s.from_)] for s in spec.sources]
+    if name == "assign":
+        embedder = _dump(spec.embed) if spec.coverage.assign == "embedding" else None
+        return [_dump(spec.coverage), embedder]
+    if name == "augment":
+        teacher = [_dump(spec.teacher), teacher_fingerprint(spec.teacher)] if any(a.teacher for a in spec.augment) else None
+        return [[_dump(a) for a in spec.augment], files([a.template for a in spec.augment]), teacher]
+    if name == "embed":
+        from engine.models import fingerprint
+
+        return [_dump(spec.embed), fingerprint(spec.embed.model)]
+    if name == "dedup":
+        return [_dump(spec.dedup), version_of(spec.dedup.against)]
+    if name == "teach":
+        return [_dump(spec.teacher), teacher_fingerprint(spec.teacher), files([spec.teacher.prompt])]
+    if name == "confidence":
+        return [_dump(spec.teacher.reasoning), teacher_fingerprint(spec.teacher)]
+    if name == "mine":
+        return _dump(spec.mining)
+    if name == "diversity":
+        return _dump(spec.diversity)
+    if name == "select":
+        return [_dump(spec.coverage), _dump(spec.diversity)]
+    if name == "split":
+        return _dump(spec.splits)
+    raise ValueError(f"no cache slice for stage {name!r}")
+
+
+def stage_keys(spec, st) -> list[tuple[object, str]]:
+    """(stage, key) for each stage, known before anything runs."""
+    keyed, upstream = [], ""
+    for stage in stages_for(spec):
+        upstream = stage_key(stage, stage_config(stage.name, spec, st), upstream)
+        keyed.append((stage, upstream))
+    return keyed
+
+
+def resume_point(keyed, cache: StageCache) -> int:
+    """Index of the deepest stage whose output is cached and whose predecessors' records are too; -1 if none."""
+    best = -1
+    for i, (stage, key) in enumerate(keyed):
+        if not cache.has_record(key):
+            break
+        if stage.name in CACHED_STAGES and cache.has_output(key):
+            best = i
+    return best
 
 
 @dataclass
@@ -43,25 +146,42 @@ class RunResult:
     rows: int
     stage_stats: dict = field(default_factory=dict)
     teacher_calls: int = 0
+    rejections: pl.DataFrame | None = None
 
 
 def curate(spec, st, *, progress: bool = True, console: Console | None = None):
     """Run every stage; returns (examples, rejections, per-stage stats, counters)."""
     console = console or Console(stderr=True, quiet=not progress)
+    check_spec_templates(spec)  # a template error stops the run before any stage
     ctx = RunContext(spec=spec, cache_dir=st.root / "cache", progress=progress, store=st)
-    frame, rejected, stage_stats = None, [no_rejections()], {}
-    for stage in stages():
+    cache = StageCache(ctx.cache_dir)
+    keyed = stage_keys(spec, st)
+    start = resume_point(keyed, cache)
+    frame, stage_stats = None, {}
+    for i, (stage, key) in enumerate(keyed):
         started = time.perf_counter()
         rows_in = 0 if frame is None else frame.height
-        frame, dropped, stats = stage.run(frame, ctx)
-        stats["seconds"] = round(time.perf_counter() - started, 2)
+        if i <= start:
+            dropped, stats = cache.load_record(key)
+            if i == start:
+                frame = cache.load_output(key)
+            stats["cached"] = True
+        else:
+            frame, dropped, stats = stage.run(frame, ctx)
+            stats.update(rows_in=rows_in, rows_out=frame.height, seconds=round(time.perf_counter() - started, 2))
+            cache.save(key, frame if stage.name in CACHED_STAGES else None, dropped, stats)
         stage_stats[stage.name] = stats
-        rejected.append(dropped)
         ctx.rejected.append(dropped)
-        console.print(f"[bold]{stage.name:<11}[/] {rows_in:>6} in  {frame.height:>6} kept  "
-                      f"{dropped.height:>5} dropped  {stats['seconds']:>7.2f}s")
+        console.print(_stage_line(stage.name, stats, dropped.height))
     examples = frame.select(c for c in EXAMPLE_COLUMNS if c in frame.columns)
-    return examples, pl.concat(rejected), stage_stats, ctx.counters
+    rejected = pl.concat([no_rejections(), *ctx.rejected], how="diagonal_relaxed").select(no_rejections().columns)
+    return examples, rejected, stage_stats, ctx.counters
+
+
+def _stage_line(name: str, stats: dict, dropped: int) -> str:
+    timing = "cached" if stats.get("cached") else f"{stats['seconds']:.2f}s"
+    rows_in, rows_out = stats.get("rows_in"), stats.get("rows_out")
+    return f"[bold]{name:<11}[/] {rows_in!s:>7} in  {rows_out!s:>7} kept  {dropped:>6} dropped  {timing:>8}"
 
 
 def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | None = None) -> RunResult:
@@ -69,7 +189,6 @@ def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | 
         examples, rejected, stage_stats, counters = curate(spec, st, progress=progress, console=console)
     except KeyboardInterrupt:
         raise Interrupted("nothing was committed; completed teacher answers are cached for the next run") from None
-    latest = st.latest_version(spec.name)
     lineage = {
         "spec_text": spec.text,
         "spec_hash": spec.spec_hash,
@@ -79,14 +198,31 @@ def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | 
         "stats": stage_stats,
     }
     result = st.commit(spec.name, {"examples": examples.to_arrow(), "rejections": rejected.to_arrow()},
-                       lineage, parent=latest)
-    return RunResult(result.version, result.created, examples.height, stage_stats, counters.get("teacher_calls", 0))
+                       lineage, parent=st.latest_version(spec.name))
+    return RunResult(result.version, result.created, examples.height, stage_stats,
+                     counters.get("teacher_calls", 0), rejected)
+
+
+def reason_kind(reason: str) -> str:
+    """A reason without its numbers and ids, so drops of one kind count together."""
+    return " ".join(_NUMBERS.sub("…", reason).split())
+
+
+_NUMBERS = re.compile(r"\b[0-9a-f]{8,}\b|[-+]?\d+(?:\.\d+)?(?:e-?\d+)?")
 
 
 def summary_table(result: RunResult) -> Table:
-    table = Table(title="stages")
-    for column in ("stage", "stats"):
-        table.add_column(column)
+    """Rows in, kept and dropped per stage, the drops by reason, and the time."""
+    table = Table(title="curation summary")
+    for column, justify in (("stage", "left"), ("in", "right"), ("kept", "right"), ("dropped", "right"),
+                            ("why", "left"), ("time", "right")):
+        table.add_column(column, justify=justify)
+    kinds = (result.rejections.with_columns(kind=pl.col("reason").map_elements(reason_kind, return_dtype=pl.String))
+             .group_by("stage", "kind").len().sort("len", descending=True))
     for name, stats in result.stage_stats.items():
-        table.add_row(name, "  ".join(f"{k}={v}" for k, v in stats.items()))
+        mine = kinds.filter(pl.col("stage") == name)
+        why = "; ".join(f"{n} {k}" for k, n in mine.select("kind", "len").iter_rows())
+        dropped = int(mine["len"].sum()) if mine.height else 0
+        timing = "cached" if stats.get("cached") else f"{stats.get('seconds', 0):.1f}s"
+        table.add_row(name, str(stats.get("rows_in", "")), str(stats.get("rows_out", "")), str(dropped), why, timing)
     return table

@@ -82,6 +82,8 @@ class Source(Strict):
             raise ValueError(f"a source needs exactly one of path, inline, from (got {', '.join(origins) or 'none'})")
         if self.where is not None and self.from_ is None:
             raise ValueError("where applies only to a `from: NAME@V` source")
+        if self.label and (self.inline is not None or self.source_format == "text"):
+            raise ValueError("label needs a column; inline and text sources have none")
         if self.path is not None and self.source_format is None:
             raise ValueError(f"cannot tell the format of {self.path!r} from its extension; set format: jsonl, csv, parquet or text")
         return self

@@ -85,7 +85,7 @@ def test_text_file_one_prompt_per_line_and_category_names_the_category(tmp_path)
     read = read_source(Source(path=str(path), category="science"), path=path)
     assert [(r["prompt"], r["category"], r["label"]) for r in read.rows] == [
         ("What is rain?", "science", None), ("Why is the sky blue?", "science", None)]
-    with pytest.raises(StageError, match=r"s.txt: label: a text source has no columns to take a label from"):
+    with pytest.raises(ValueError, match=r"label needs a column; inline and text sources have none"):  # at validate time
         read_source(Source(path=str(path), label="gold"), path=path)
 
 

@@ -1,0 +1,105 @@
+"""The run pipeline on a tiny random teacher: stage caching, re-selection, resume, plan."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import store
+from engine import pipeline
+from engine.plan import make_plan
+from engine.spec import load_spec
+
+N_PROMPTS = 48
+
+
+@pytest.fixture
+def project(tmp_path, tiny_llm_dir):
+    lines = [f'{{"text": "Question number {i}: is {i} an even number?", "gold": "{"yes" if i % 2 == 0 else "no"}"}}'
+             for i in range(N_PROMPTS)]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    spec = {
+        "name": "tiny",
+        "teacher": {"model": str(tiny_llm_dir), "generation": {"max_new_tokens": 24}, "batch_size": 2},
+        "sources": [{"path": "prompts.jsonl", "text": "text", "label": "gold"}],
+        "mining": {"confidence": "mean_token_prob", "band": [0.0, 1.0]},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path
+
+
+def edit_spec(project: Path, **changes) -> None:
+    spec = yaml.safe_load((project / "spec.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = spec
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
+
+
+def run(project: Path):
+    return pipeline.run(load_spec(project / "spec.yaml"), store.open(project / "store"), progress=False)
+
+
+def test_changing_the_band_reuses_every_teacher_answer(project, monkeypatch):
+    monkeypatch.chdir(project)
+    first = run(project)
+    assert first.created and first.teacher_calls == N_PROMPTS
+    scores = sorted(store.open(project / "store").read("tiny@1", "examples")["conf_mean_token_prob"])
+    edit_spec(project, **{"mining.band": [scores[N_PROMPTS // 2], 1.0]})
+    second = run(project)
+    assert second.created and second.version == 2 and second.teacher_calls == 0
+    assert second.stage_stats["teach"].get("cached") and second.stage_stats["confidence"].get("cached")
+    assert not second.stage_stats["mine"].get("cached")
+    assert N_PROMPTS // 2 - 2 <= second.rows <= N_PROMPTS // 2 + 2
+
+
+def test_plan_counts_calls_before_and_after(project, monkeypatch):
+    monkeypatch.chdir(project)
+    st = store.open(project / "store")
+    before = make_plan(load_spec(project / "spec.yaml"), st)
+    assert before.teacher_calls == N_PROMPTS and before.calls_exact
+    assert dict(before.stages)["teach"] == "to run"
+    run(project)
+    after = make_plan(load_spec(project / "spec.yaml"), st)
+    assert after.teacher_calls == 0
+    assert dict(after.stages)["confidence"] == "cached"
+    edit_spec(project, **{"splits.seed": 5})
+    moved = make_plan(load_spec(project / "spec.yaml"), st)
+    assert moved.teacher_calls == 0 and dict(moved.stages)["split"] == "to run"
+
+
+def cached_answers(project: Path) -> int:
+    path = project / "store" / "cache" / "teacher.sqlite"
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(path, timeout=1) as db:
+            return db.execute("SELECT count(*) FROM answers").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_sigkill_mid_run_then_resume_repeats_no_completed_call(project, monkeypatch):
+    monkeypatch.chdir(project)
+    syllabus = str(Path(sys.executable).parent / "syllabus")
+    proc = subprocess.Popen([syllabus, "run", "spec.yaml", "-q", "--store", "store"], cwd=project,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while cached_answers(project) < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = cached_answers(project)
+    assert 8 <= done < N_PROMPTS, f"killed too late or too early ({done} answers cached)"
+    assert store.open(project / "store").versions() == []  # no partial version
+    resumed = run(project)
+    assert resumed.created and resumed.teacher_calls == N_PROMPTS - done
