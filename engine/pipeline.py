@@ -149,33 +149,68 @@ class RunResult:
     rejections: pl.DataFrame | None = None
 
 
+@dataclass
+class Curation:
+    """A run in progress: each stage's output, rejections and stats, by stage name."""
+
+    ctx: RunContext
+    cache: StageCache
+    keyed: list
+    console: Console
+    outputs: dict = field(default_factory=dict)  # only what is at hand; see output()
+    records: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+    def output(self, name: str) -> pl.DataFrame:
+        """A stage's output: at hand, or from the stage cache when the run resumed past it."""
+        if name not in self.outputs:
+            key = next(k for stage, k in self.keyed if stage.name == name)
+            self.outputs[name] = self.cache.load_output(key)
+        return self.outputs[name]
+
+    def rejections(self) -> pl.DataFrame:
+        return pl.concat([no_rejections(), *self.records.values()], how="diagonal_relaxed").select(no_rejections().columns)
+
+    def record(self, name: str, frame, dropped: pl.DataFrame, stats: dict) -> None:
+        if frame is not None:
+            self.outputs[name] = frame
+        self.records[name] = dropped
+        self.stats[name] = stats
+        self.ctx.rejected = list(self.records.values())  # what select's shortfall reasons read
+        self.console.print(_stage_line(name, stats, dropped.height))
+
+
+def run_stage(stage, frame, ctx: RunContext) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    started = time.perf_counter()
+    rows_in = 0 if frame is None else frame.height
+    out, dropped, stats = stage.run(frame, ctx)
+    stats.update(rows_in=rows_in, rows_out=out.height, seconds=round(time.perf_counter() - started, 2))
+    return out, dropped, stats
+
+
 def curate(spec, st, *, progress: bool = True, console: Console | None = None):
     """Run every stage; returns (examples, rejections, per-stage stats, counters)."""
     console = console or Console(stderr=True, quiet=not progress)
     check_spec_templates(spec)  # a template error stops the run before any stage
     ctx = RunContext(spec=spec, cache_dir=st.root / "cache", progress=progress, store=st)
-    cache = StageCache(ctx.cache_dir)
-    keyed = stage_keys(spec, st)
-    start = resume_point(keyed, cache)
-    frame, stage_stats = None, {}
-    for i, (stage, key) in enumerate(keyed):
-        started = time.perf_counter()
-        rows_in = 0 if frame is None else frame.height
+    cur = Curation(ctx, StageCache(ctx.cache_dir), stage_keys(spec, st), console)
+    start = resume_point(cur.keyed, cur.cache)
+    frame = None
+    for i, (stage, key) in enumerate(cur.keyed):
         if i <= start:
-            dropped, stats = cache.load_record(key)
-            if i == start:
-                frame = cache.load_output(key)
+            dropped, stats = cur.cache.load_record(key)
+            frame = cur.cache.load_output(key) if i == start else None
             stats["cached"] = True
         else:
-            frame, dropped, stats = stage.run(frame, ctx)
-            stats.update(rows_in=rows_in, rows_out=frame.height, seconds=round(time.perf_counter() - started, 2))
-            cache.save(key, frame if stage.name in CACHED_STAGES else None, dropped, stats)
-        stage_stats[stage.name] = stats
-        ctx.rejected.append(dropped)
-        console.print(_stage_line(stage.name, stats, dropped.height))
+            frame, dropped, stats = run_stage(stage, frame, ctx)
+            cur.cache.save(key, frame if stage.name in CACHED_STAGES else None, dropped, stats)
+        cur.record(stage.name, frame, dropped, stats)
+    if spec.coverage and spec.coverage.augment_until_quota:
+        from engine.top_up import top_up_until_quota
+
+        frame = top_up_until_quota(cur)
     examples = frame.select(c for c in EXAMPLE_COLUMNS if c in frame.columns)
-    rejected = pl.concat([no_rejections(), *ctx.rejected], how="diagonal_relaxed").select(no_rejections().columns)
-    return examples, rejected, stage_stats, ctx.counters
+    return examples, cur.rejections(), cur.stats, ctx.counters
 
 
 def _stage_line(name: str, stats: dict, dropped: int) -> str:

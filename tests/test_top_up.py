@@ -1,0 +1,56 @@
+"""augment_until_quota on a tiny random teacher: short categories get new variations."""
+
+import polars as pl
+import pytest
+import yaml
+
+import store
+from engine import pipeline
+from engine.spec import load_spec
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def project(tmp_path, tiny_llm_dir, monkeypatch):
+    rows = [{"q": f"Tell me about apples, fact {i}.", "c": "a"} for i in range(6)]
+    rows += [{"q": f"Tell me about boats, story {i}.", "c": "b"} for i in range(2)]
+    (tmp_path / "p.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows) + "\n")
+    spec = {
+        "name": "quota",
+        "teacher": {"model": str(tiny_llm_dir), "generation": {"max_new_tokens": 4}, "batch_size": 4},
+        "sources": [{"path": "p.jsonl", "text": "q", "category": "c"}],
+        "coverage": {"total": 12, "categories": {"a": {"share": 0.5}, "b": {"share": 0.5}},
+                     "augment_until_quota": True, "augment_cap": 4},
+        "augment": [{"template": str(ROOT / "templates/rephrase.j2"), "categories": ["b"], "sample": 1, "seed": 3,
+                     "vars": {"style": ["briefly", "formally", "casually", "plainly", "kindly", "sternly"]}}],
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_short_category_is_topped_up_to_its_quota(project):
+    spec = load_spec(project / "spec.yaml")
+    result = pipeline.run(spec, store.open(project / "store"), progress=False)
+    examples = store.open(project / "store").read("quota@1", "examples")
+    counts = dict(examples.group_by("category").len().iter_rows())
+    assert counts == {"a": 6, "b": 6}
+    b = examples.filter(pl.col("category") == "b")
+    assert (b["origin"] == "template").sum() == 4  # 2 from the augment stage, 2 from top-up
+    assert b["prompt_id"].n_unique() == 6
+    assert set(b.filter(pl.col("origin") == "template")["parent_id"]) <= set(b.filter(pl.col("origin") == "source")["prompt_id"])
+    top = result.stage_stats["top_up"]
+    assert top["rounds"] == 1 and top["still_short"] == {}
+    # each original has at most augment_cap variations, across rounds
+    assert b.filter(pl.col("origin") == "template").group_by("parent_id").len()["len"].max() <= 4
+
+
+def test_without_top_up_the_shortfall_is_reported(project):
+    spec = yaml.safe_load((project / "spec.yaml").read_text())
+    spec["coverage"]["augment_until_quota"] = False
+    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
+    result = pipeline.run(load_spec(project / "spec.yaml"), store.open(project / "store"), progress=False)
+    short = result.stage_stats["select"]["shortfall"]
+    assert short["b"]["short_by"] == 2 and "too few from sources" in short["b"]["why"]
+    assert result.rows == 10
