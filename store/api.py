@@ -132,6 +132,11 @@ class Store:
             self._hash_memo[seg.sha256] = self.hashes.get(seg)
         return self._hash_memo[seg.sha256]
 
+    def staging(self, prefix: str) -> files.Staging:
+        """`with st.staging("train") as folder:` a private folder under staging/ for in-flight writes
+        (e.g. models before their rename into place); `gc` removes it only once its process is gone."""
+        return files.Staging(self.root / "staging", prefix)
+
     # ---- versions ----------------------------------------------------------------------
 
     def resolve(self, ref: str) -> VersionInfo:

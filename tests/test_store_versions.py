@@ -303,3 +303,11 @@ def test_v1_catalog_is_migrated(tmp_path):
     # A v1 version has no stored digest: the same data is still recognised as nothing new.
     assert s.commit("demo", {"examples": examples(range(5))}, LINEAGE, parent=1) == store.CommitResult(1, False)
     assert s.commit("demo", {"examples": examples(range(7))}, LINEAGE, parent=1).version == 2
+
+
+def test_staging_folders_of_live_writers_are_spared(s):
+    with s.staging("train") as folder:
+        (folder / "model.bin").write_bytes(b"x")
+        assert s.gc(grace_s=0).items == []  # held by this process
+        assert (folder / "model.bin").exists()
+    assert list((s.root / "staging").iterdir()) == []
