@@ -265,3 +265,10 @@ def test_against_without_semantic_still_drops_exact_copies(old_store):
 def test_against_an_unknown_version_is_a_stage_error(old_store):
     with pytest.raises(StageError, match="dedup.against"):
         run(make_frame([("a", "source", at(0))]), against="demo@7", store=old_store)
+
+
+def test_an_empty_frame_passes_through():
+    frame = make_frame([("A", "source", at(0))]).head(0)
+    kept, rejected, stats = run(frame)
+    assert kept.height == 0 and rejected.height == 0
+    assert stats == {"rows": 0, "kept": 0, "exact": 0, "semantic": 0, "against": 0, "index": "exact"}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -33,6 +34,7 @@ from engine.stages.base import RunContext, StageError, no_rejections, rejections
 from engine.stages.embed import embedding_matrix
 from store import StoreError
 
+TRAIN_PER_LIST = 40  # k-means points per IVF list
 NPROBE = 8  # IVF lists searched per query: recall 1.0 on clustered synthetic sets up to 200k (bench/curation.py)
 
 
@@ -72,12 +74,14 @@ def build_index(vectors: np.ndarray, exact_search_below: int):
         index = faiss.IndexFlatIP(dim)
         index.add(vectors)
         return index, "exact"
-    # 4*sqrt(n) lists, but at least 39 training points per list (faiss warns below that).
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+    # 4*sqrt(n) lists, each trained from TRAIN_PER_LIST points (faiss warns below 39): the
+    # coarse k-means then costs O(n) and the search O(n^1.5), not O(n^2).
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // TRAIN_PER_LIST))
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = 1234  # k-means of the coarse quantizer: seeded, so a run repeats itself
-    index.train(vectors)
+    sample = np.random.default_rng(0).choice(n, size=min(n, TRAIN_PER_LIST * nlist), replace=False)
+    index.train(vectors[np.sort(sample)])
     index.add(vectors)
     index.nprobe = min(NPROBE, nlist)
     return index, "ivf"
@@ -125,7 +129,52 @@ def greedy_keep(vectors: np.ndarray, threshold: float, exact_search_below: int):
     return kept, neighbour, similarity, kind
 
 
+def exact_groups(keys: list[str], alive: np.ndarray, exact: bool) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Step 2 over `alive` (rows in winner order): (representatives in that order, [(copy, its representative)]).
+
+    The first row of each normalised text represents its group; without `exact` every row represents itself.
+    """
+    if not exact:
+        return alive, []
+    representative: dict[str, int] = {}
+    copies = []
+    for row in alive.tolist():
+        rep = representative.setdefault(keys[row], row)
+        if rep != row:
+            copies.append((row, rep))
+    reps = np.array([r for r in alive.tolist() if representative[keys[r]] == r], dtype=np.int64)
+    return reps, copies
+
+
 # --- the stage -----------------------------------------------------------------
+
+
+@dataclass
+class Verdicts:
+    """What the pass decided per row: dropped or not, next to whom, how similar, and why."""
+
+    ids: list[str]
+    dropped: np.ndarray
+    neighbor: list
+    neighbor_row: np.ndarray  # the frame row a near-duplicate was dropped for (-1: none, or an old example)
+    similarity: np.ndarray
+    reason: list
+    counts: dict
+
+    @classmethod
+    def for_rows(cls, ids: list[str]) -> "Verdicts":
+        n = len(ids)
+        return cls(ids, np.zeros(n, dtype=bool), [None] * n, np.full(n, -1, dtype=np.int64), np.full(n, np.nan),
+                   [None] * n, {"exact": 0, "semantic": 0, "against": 0})
+
+    def drop(self, row: int, step: str, neighbor_id: str, similarity: float, reason: str, neighbor_row: int = -1):
+        self.dropped[row], self.neighbor[row], self.similarity[row] = True, neighbor_id, float(similarity)
+        self.reason[row], self.neighbor_row[row] = reason, neighbor_row
+        self.counts[step] += 1
+
+    def alive(self, order: np.ndarray) -> np.ndarray:
+        """The rows of `order` not dropped yet, still in that order."""
+        return order[~self.dropped[order]]
 
 
 class Dedup:
@@ -134,84 +183,79 @@ class Dedup:
     def run(self, frame: pl.DataFrame, ctx: RunContext):
         settings = ctx.spec.dedup
         semantic = settings.semantic
-        n = frame.height
         order = winner_order(frame)
-        ids = frame["prompt_id"].to_list()
         keys = [dedup_text(p) for p in frame["prompt"].to_list()]
         vectors = embedding_matrix(frame, ctx) if semantic else None
+        verdicts = Verdicts.for_rows(frame["prompt_id"].to_list())
 
-        dropped = np.zeros(n, dtype=bool)
-        neighbor: list[str | None] = [None] * n
-        neighbor_row = np.full(n, -1, dtype=np.int64)  # for rows dropped as near a row of this frame
-        similarity = np.full(n, np.nan)
-        reason: list[str | None] = [None] * n
-        counts = {"exact": 0, "semantic": 0, "against": 0}
-        index_kind = None
-
-        def drop(row: int, kind: str, near: str, sim: float, why: str) -> None:
-            dropped[row], neighbor[row], similarity[row], reason[row] = True, near, float(sim), why
-            counts[kind] += 1
-
-        # 1. against an earlier version: its examples are kept rows that precede all of ours.
         if settings.against:
-            ref, old_ids, old_keys, old_vectors = self._old_version(settings.against, ctx, semantic is not None)
-            first_old = {}
-            for pid, key in zip(old_ids, old_keys):
-                first_old.setdefault(key, pid)
-            for row in order:
-                if keys[row] in first_old:
-                    drop(row, "against", first_old[keys[row]], 1.0,
-                         f"already in {ref} (exact duplicate of {first_old[keys[row]][:8]})")
-            if semantic and old_vectors.shape[0]:
-                alive = order[~dropped[order]]
-                index, index_kind = build_index(old_vectors, semantic.exact_search_below)
-                rows, cols, sims = near_pairs(index, vectors[alive], semantic.threshold)
-                best = {}
-                for r, c, s in zip(rows.tolist(), cols.tolist(), sims.tolist()):
-                    if r not in best or s > best[r][1]:
-                        best[r] = (c, s)
-                for r, (c, s) in sorted(best.items()):
-                    drop(int(alive[r]), "against", old_ids[c], s,
-                         f"already in {ref} (near-duplicate of {old_ids[c][:8]}, cos {s:.3f} ≥ {semantic.threshold:g})")
-
-        # 2. exact: the first row of each normalised text represents its group.
-        alive = order[~dropped[order]]
-        representative: dict[str, int] = {}
-        copies: list[tuple[int, int]] = []  # (row, its representative)
-        for row in alive.tolist():
-            rep = representative.setdefault(keys[row], row) if settings.exact else row
-            if rep != row:
-                copies.append((row, rep))
-        reps = np.array([r for r in alive.tolist() if not settings.exact or representative[keys[r]] == r], dtype=np.int64)
-
-        # 3. semantic: greedy over the representatives, in winner order.
+            self._drop_old(settings.against, keys, vectors, order, verdicts, ctx)
+        representatives, copies = exact_groups(keys, verdicts.alive(order), settings.exact)
+        index_kind = "none"
         if semantic is not None:
-            kept, near, sims, kind = greedy_keep(vectors[reps], semantic.threshold, semantic.exact_search_below)
-            index_kind = index_kind or kind
-            for pos in np.flatnonzero(~kept).tolist():
-                row, other = int(reps[pos]), int(reps[near[pos]])
-                neighbor_row[row] = other
-                drop(row, "semantic", ids[other], sims[pos],
-                     f"near-duplicate of {ids[other][:8]} (cos {sims[pos]:.3f} ≥ {semantic.threshold:g})")
-        for row, rep in copies:
-            if not dropped[rep]:
-                drop(row, "exact", ids[rep], 1.0, f"exact duplicate of {ids[rep][:8]}")
-            else:  # its representative is a near-duplicate of a kept row: so is this copy
-                other = int(neighbor_row[rep])
-                sim = float(vectors[row] @ vectors[other])
-                drop(row, "exact", ids[other], sim,
-                     f"exact duplicate of {ids[rep][:8]}, a near-duplicate of {ids[other][:8]} (cos {similarity[rep]:.3f})")
+            index_kind = self._drop_near(representatives, vectors, semantic, verdicts)
+        self._drop_copies(copies, vectors, verdicts)
 
-        kept_frame = frame.filter(pl.Series(~dropped))
-        stats = {"rows": n, "kept": kept_frame.height, **counts, "index": index_kind or "none"}
+        dropped = verdicts.dropped
+        kept = frame.filter(pl.Series(~dropped))
+        stats = {"rows": frame.height, "kept": kept.height, **verdicts.counts, "index": index_kind}
         if not dropped.any():
-            return kept_frame, no_rejections(), stats
+            return kept, no_rejections(), stats
+        rows = np.flatnonzero(dropped)
         out = frame.filter(pl.Series(dropped)).with_columns(
-            neighbor_id=pl.Series([neighbor[i] for i in np.flatnonzero(dropped)], dtype=pl.String),
-            similarity=pl.Series(similarity[dropped], dtype=pl.Float64),
+            neighbor_id=pl.Series([verdicts.neighbor[i] for i in rows], dtype=pl.String),
+            similarity=pl.Series(verdicts.similarity[rows], dtype=pl.Float64),
         )
-        reasons = pl.Series([reason[i] for i in np.flatnonzero(dropped)], dtype=pl.String)
-        return kept_frame, rejections(out, self.name, reasons), stats
+        reasons = pl.Series([verdicts.reason[i] for i in rows], dtype=pl.String)
+        return kept, rejections(out, self.name, reasons), stats
+
+    def _drop_old(self, ref: str, keys: list[str], vectors, order: np.ndarray, verdicts: Verdicts, ctx: RunContext):
+        """Step 1: rows already in an earlier version, exactly (always) or in meaning (with semantic)."""
+        semantic = ctx.spec.dedup.semantic
+        ref, old_ids, old_keys, old_vectors = self._old_version(ref, ctx, semantic is not None)
+        first_old: dict[str, str] = {}
+        for pid, key in zip(old_ids, old_keys):
+            first_old.setdefault(key, pid)
+        for row in order.tolist():
+            if keys[row] in first_old:
+                old = first_old[keys[row]]
+                verdicts.drop(row, "against", old, 1.0, f"already in {ref} (exact duplicate of {old[:8]})")
+        if semantic is None or old_vectors.shape[0] == 0:
+            return
+        alive = verdicts.alive(order)
+        index, _ = build_index(old_vectors, semantic.exact_search_below)
+        rows, cols, sims = near_pairs(index, vectors[alive], semantic.threshold)
+        best: dict[int, tuple[float, int]] = {}  # query -> (cosine, old row): the most similar, then the first
+        for r, c, sim in zip(rows.tolist(), cols.tolist(), sims.tolist()):
+            if r not in best or (sim, -c) > (best[r][0], -best[r][1]):
+                best[r] = (sim, c)
+        for r, (sim, c) in sorted(best.items()):
+            verdicts.drop(int(alive[r]), "against", old_ids[c], sim,
+                          f"already in {ref} (near-duplicate of {old_ids[c][:8]}, cos {sim:.3f} ≥ {semantic.threshold:g})")
+
+    @staticmethod
+    def _drop_near(representatives: np.ndarray, vectors: np.ndarray, semantic, verdicts: Verdicts) -> str:
+        """Step 3: greedy semantic pass over the representatives; returns the index kind used."""
+        kept, near, sims, kind = greedy_keep(vectors[representatives], semantic.threshold, semantic.exact_search_below)
+        ids = verdicts.ids
+        for pos in np.flatnonzero(~kept).tolist():
+            row, other = int(representatives[pos]), int(representatives[near[pos]])
+            verdicts.drop(row, "semantic", ids[other], sims[pos],
+                          f"near-duplicate of {ids[other][:8]} (cos {sims[pos]:.3f} ≥ {semantic.threshold:g})", other)
+        return kind
+
+    @staticmethod
+    def _drop_copies(copies: list[tuple[int, int]], vectors, verdicts: Verdicts) -> None:
+        """Step 2's verdicts, given step 3: a copy goes with its representative, pointing at a kept row."""
+        ids = verdicts.ids
+        for row, rep in copies:
+            if not verdicts.dropped[rep]:
+                verdicts.drop(row, "exact", ids[rep], 1.0, f"exact duplicate of {ids[rep][:8]}", rep)
+            else:  # the representative is a near-duplicate of a kept row: so is this copy
+                other = int(verdicts.neighbor_row[rep])
+                verdicts.drop(row, "exact", ids[other], float(vectors[row] @ vectors[other]),
+                              f"exact duplicate of {ids[rep][:8]}, a near-duplicate of {ids[other][:8]} "
+                              f"(cos {verdicts.similarity[rep]:.3f})", other)
 
     @staticmethod
     def _old_version(ref: str, ctx: RunContext, with_vectors: bool):
