@@ -36,6 +36,9 @@ EXAMPLE_COLUMNS = [
 ]
 
 
+COMMIT_ATTEMPTS = 5
+
+
 def needs_embeddings(spec) -> bool:
     return bool(spec.dedup.semantic or spec.dedup.against or spec.diversity)
 
@@ -232,8 +235,15 @@ def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | 
         "code_version": engine.__version__,
         "stats": stage_stats,
     }
-    result = st.commit(spec.name, {"examples": examples.to_arrow(), "rejections": rejected.to_arrow()},
-                       lineage, parent=st.latest_version(spec.name))
+    tables = {"examples": examples.to_arrow(), "rejections": rejected.to_arrow()}
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            result = st.commit(spec.name, tables, lineage, parent=st.latest_version(spec.name))
+            break
+        except store_api.ParentMoved:
+            # Another run committed first: build on its version instead (the data is ours either way).
+            if attempt == COMMIT_ATTEMPTS - 1:
+                raise
     return RunResult(result.version, result.created, examples.height, stage_stats,
                      counters.get("teacher_calls", 0), rejected)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,15 +59,12 @@ def train(spec, st, dataset: str | None = None, *, progress: bool = True, consol
     examples = st.read(version.ref, "examples")
     if examples.filter(examples["split"] == "train").is_empty():
         raise TrainError(f"{version.ref} has no train rows to learn from")
-    (st.root / "staging").mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"train-{run_id}-", dir=st.root / "staging"))
-    try:
+    # A locked staging folder: gc leaves it alone while training runs; renamed into place at the end.
+    with st.staging(f"train-{run_id}") as staging:
         metrics = train_students(spec, examples, staging, progress=progress)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(run_dir, ignore_errors=True)
         staging.rename(run_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     for name in names:
         st.record_model(dataset=version.dataset, version=version.version, run_id=run_id, student=name,
                         path=run_dir / name, spec_hash=spec.spec_hash, metrics=metrics[name])

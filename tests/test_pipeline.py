@@ -103,3 +103,21 @@ def test_sigkill_mid_run_then_resume_repeats_no_completed_call(project, monkeypa
     assert store.open(project / "store").versions() == []  # no partial version
     resumed = run(project)
     assert resumed.created and resumed.teacher_calls == N_PROMPTS - done
+
+
+def test_a_commit_that_lost_the_race_is_retried_on_the_new_parent(project, monkeypatch):
+    """Another run committed between our start and our commit: we build on its version."""
+    monkeypatch.chdir(project)
+    st = store.open(project / "store")
+    real_commit = type(st).commit
+    raced = []
+
+    def commit_after_a_rival(self, dataset, tables, lineage, parent):
+        if not raced:
+            raced.append(real_commit(self, dataset, tables, {**lineage, "spec_hash": "rival"}, parent))
+        return real_commit(self, dataset, tables, lineage, parent)
+
+    monkeypatch.setattr(type(st), "commit", commit_after_a_rival)
+    result = run(project)
+    assert raced[0].version == 1 and result.version == 2 and result.created
+    assert [v.parent for v in st.versions("tiny")] == [None, 1]
