@@ -253,7 +253,7 @@ def reason_kind(reason: str) -> str:
     return " ".join(_NUMBERS.sub("…", reason).split())
 
 
-_NUMBERS = re.compile(r"\b[0-9a-f]{8,}\b|[-+]?\d+(?:\.\d+)?(?:e-?\d+)?")
+_NUMBERS = re.compile(r"\b[0-9a-f]{8,}\b|[-+]?\d+(?:\.\d+)?(?:e-?\d+)?|'[^']*'")
 
 
 def summary_table(result: RunResult) -> Table:
@@ -266,7 +266,7 @@ def summary_table(result: RunResult) -> Table:
              .group_by("stage", "kind").len().sort("len", descending=True))
     for name, stats in result.stage_stats.items():
         mine = kinds.filter(pl.col("stage") == name)
-        why = "; ".join(f"{n} {k}" for k, n in mine.select("kind", "len").iter_rows())
+        why = "; ".join(f"{n} {k}" for k, n in mine.select("kind", "len").head(3).iter_rows())
         dropped = int(mine["len"].sum()) if mine.height else 0
         timing = "cached" if stats.get("cached") else f"{stats.get('seconds', 0):.1f}s"
         table.add_row(name, str(stats.get("rows_in", "")), str(stats.get("rows_out", "")), str(dropped), why, timing)

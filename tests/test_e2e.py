@@ -33,6 +33,9 @@ def e2e(tmp_path_factory):
     spec["sources"][0]["path"] = str(work / "reviews.jsonl")
     spec["teacher"]["prompt"] = str(ROOT / spec["teacher"]["prompt"])
     spec["teacher"]["generation"]["max_new_tokens"] = 12
+    for curation in ("coverage", "augment", "diversity"):  # covered by their own tests on a tiny teacher
+        spec.pop(curation, None)
+    spec["dedup"] = {"exact": True}
     # A band that the real scores straddle, so mining both keeps and drops.
     spec["mining"] = {"confidence": "mean_token_prob", "band": [0.45, 1.0], "outside_band_keep": 0.5, "seed": 1}
     spec["splits"] = {"train": 0.5, "val": 0.0, "test": 0.5, "seed": 1}
