@@ -9,13 +9,12 @@ when every text is cached.
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 from pathlib import Path
 
 import numpy as np
 
-from engine.models import fingerprint, locate
+from engine.models import fingerprint, locate, set_threads
 from engine.progress import progress_bar
 
 CACHE_FILE = "embeddings.sqlite"
@@ -74,10 +73,7 @@ def load_embedder(name: str):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise next to ours
-        if os.environ.get("SYLLABUS_THREADS"):  # a shared machine asks for fewer torch threads (see train.loop)
-            import torch
-
-            torch.set_num_threads(max(1, int(os.environ["SYLLABUS_THREADS"])))
+        set_threads()
         _MODELS[folder] = SentenceTransformer(folder, device="cpu")
     return _MODELS[folder]
 

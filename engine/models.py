@@ -130,6 +130,21 @@ def fingerprint(name: str) -> str:
     return f"{Path(name).name}@sha256:{digest[:16]}"
 
 
+def set_threads() -> int:
+    """torch's intra-op threads: $SYLLABUS_THREADS, else the cores this process may use.
+
+    Never more than the cores: an oversubscribed OpenMP pool stalls at every barrier
+    (on a 2-core machine with one core busy elsewhere, a training step took 15x longer
+    with 2 threads than with 1), so a shared machine should set SYLLABUS_THREADS=1.
+    """
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = min(cores, int(os.environ.get("SYLLABUS_THREADS") or cores))
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
 def load_tokenizer(name: str):
     """The model's tokenizer, padding on the left (generation appends on the right)."""
     from transformers import AutoTokenizer
@@ -147,6 +162,7 @@ def load_causal_lm(name: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load is noise next to ours
+    set_threads()
     tokenizer = load_tokenizer(name)
     model = AutoModelForCausalLM.from_pretrained(resolve_causal_lm(name), dtype="float32")
     model.eval()

@@ -1,6 +1,5 @@
 """The run pipeline on a tiny random teacher: stage caching, re-selection, resume, plan."""
 
-import os
 import signal
 import sqlite3
 import subprocess

@@ -18,11 +18,10 @@ from rich.table import Table
 from transformers import GenerationConfig
 
 from engine.answers import normalise_answer, split_answer
-from engine.models import chat_prompt_ids, load_causal_lm, resolve_causal_lm
+from engine.models import chat_prompt_ids, load_causal_lm, resolve_causal_lm, set_threads
 from engine.spec import Spec, SpecError
 from engine.train.data import collate, encode, response_logits, student_texts
 from engine.train.losses import token_kl
-from engine.train.loop import set_threads
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 

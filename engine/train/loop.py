@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,26 +18,13 @@ import polars as pl
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from engine.models import load_causal_lm
+from engine.models import load_causal_lm, set_threads
 from engine.spec import Spec, SpecError, Student
 from engine.train.data import collate, encode, response_logits, student_texts
 from engine.train.losses import distillation_loss
 from engine.train.students import build_student, lr_depths
 
 CURVE_POINTS = 100  # loss-curve points kept per student, whatever the run length
-
-
-def set_threads() -> int:
-    """torch's intra-op threads: $SYLLABUS_THREADS, else the cores this process may use.
-
-    Never more than the cores: an oversubscribed OpenMP pool stalls at every barrier
-    (on a 2-core machine with one core busy elsewhere, a step took 15x longer with 2
-    threads than with 1), so a shared machine should set SYLLABUS_THREADS=1.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = min(cores, int(os.environ.get("SYLLABUS_THREADS") or cores))
-    torch.set_num_threads(max(1, threads))
-    return torch.get_num_threads()
 
 
 def lr_schedule(total_steps: int, warmup_steps: int):
