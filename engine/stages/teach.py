@@ -64,7 +64,9 @@ def ask_teacher(ctx: RunContext, prompts: list[str], label: str = "teach", *,
 def _generate(todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache, label: str,
               max_new_tokens: int | None = None) -> dict:
     if ctx.teacher is None:
+        began = time.perf_counter()
         ctx.teacher = load_teacher(ctx.spec.teacher)
+        ctx.counters["teacher_load_seconds"] = time.perf_counter() - began
     answers = {}
     chunk = ctx.spec.teacher.batch_size * 4
     with progress_bar(ctx.progress) as bar:
@@ -76,8 +78,9 @@ def _generate(todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache,
                                         max_new_tokens=max_new_tokens)
             fresh = {k: o for (k, _), o in zip(part, outs)}
             cache.put_many(fresh)
-            cache.record_speed(ctx.teacher.fingerprint, len(part), sum(len(o.token_ids) for o in outs),
-                               time.perf_counter() - began)
+            seconds = time.perf_counter() - began
+            cache.record_speed(ctx.teacher.fingerprint, len(part), sum(len(o.token_ids) for o in outs), seconds)
+            ctx.counters["teacher_seconds"] = ctx.counters.get("teacher_seconds", 0.0) + seconds
             answers.update(fresh)
     return answers
 
