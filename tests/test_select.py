@@ -48,38 +48,38 @@ def test_quota_arithmetic(category, total, expected):
 # --- round robin ----------------------------------------------------------------------
 
 # Cluster ids are not in order of appearance; n1 has no cluster. Seeded orders inside the
-# clusters (seed 7): cluster 0 [b1], cluster 1 [c3, c1, c2], cluster 2 [a4, a3, a1, a2], none [n1].
+# clusters (seed 7): cluster 0 [b1], cluster 1 [c1, c2, c3], cluster 2 [a2, a3, a4, a1], none [n1].
 IDS = ["a1", "a2", "a3", "a4", "b1", "c1", "c2", "c3", "n1"]
 CLUSTERS = [2, 2, 2, 2, 0, 1, 1, 1, None]
 
 
 @pytest.mark.parametrize("keep, seed, expected", [
-    (3, 7, ["b1", "c3", "a4"]),
-    (6, 7, ["b1", "c3", "a4", "n1", "c1", "a3"]),
-    (6, 0, ["b1", "c3", "a4", "n1", "c2", "a1"]),  # seed 0: cluster 1 [c3, c2, c1], cluster 2 [a4, a1, a2, a3]
-    (9, 7, ["b1", "c3", "a4", "n1", "c1", "a3", "c2", "a1", "a2"]),
-    (20, 7, ["b1", "c3", "a4", "n1", "c1", "a3", "c2", "a1", "a2"]),
+    (3, 7, ["b1", "c1", "a2"]),
+    (6, 7, ["b1", "c1", "a2", "n1", "c2", "a3"]),
+    (6, 0, ["b1", "c1", "a4", "n1", "c3", "a1"]),  # seed 0: cluster 1 [c1, c3, c2], cluster 2 [a4, a1, a3, a2]
+    (9, 7, ["b1", "c1", "a2", "n1", "c2", "a3", "c3", "a4", "a1"]),
+    (20, 7, ["b1", "c1", "a2", "n1", "c2", "a3", "c3", "a4", "a1"]),
 ])
 def test_round_robin_order(keep, seed, expected):
     assert [IDS[i] for i in round_robin(IDS, CLUSTERS, keep, seed)] == expected
 
 
 def test_round_robin_without_clusters_is_the_seeded_order():
-    assert [IDS[i] for i in round_robin(IDS[:8], [0] * 8, 4, 0)] == ["a4", "b1", "a1", "c3"]
+    assert [IDS[i] for i in round_robin(IDS[:8], [0] * 8, 4, 0)] == ["a4", "a1", "c1", "c3"]
 
 
 def test_select_keeps_the_quota_across_clusters_and_rejects_the_rest():
     frame = rows(IDS + ["y1", "y2"], ["x"] * 9 + ["y", "zzz"], CLUSTERS + [0, 0])
     cov = {"total": 12, "categories": {"x": {"share": 0.5}, "y": {"min": 1}}}
     kept, rejected, stats = Select().run(frame, context(cov, seed=7))
-    assert kept["prompt_id"].to_list() == ["a3", "a4", "b1", "c1", "c3", "n1", "y1"]  # frame order
+    assert kept["prompt_id"].to_list() == ["a2", "a3", "b1", "c1", "c2", "n1", "y1"]  # frame order
     assert kept.columns == frame.columns
     assert rejected.schema == pl.Schema(REJECTION_SCHEMA)
     assert list(zip(rejected["prompt_id"], rejected["stage"], rejected["reason"])) == [
         ("y2", "select", "category 'zzz' is not in coverage.categories"),
         ("a1", "select", "over quota: category 'x' keeps 6 of 9"),
-        ("a2", "select", "over quota: category 'x' keeps 6 of 9"),
-        ("c2", "select", "over quota: category 'x' keeps 6 of 9"),
+        ("a4", "select", "over quota: category 'x' keeps 6 of 9"),
+        ("c3", "select", "over quota: category 'x' keeps 6 of 9"),
     ]
     assert stats == {
         "rows": 11, "kept": 7, "over_quota": 3, "unknown_category": 1,
@@ -91,7 +91,7 @@ def test_select_keeps_the_quota_across_clusters_and_rejects_the_rest():
 def test_select_without_cluster_column_and_without_diversity_uses_seed_0():
     frame = rows(IDS[:8], ["x"] * 8)
     kept, _, stats = Select().run(frame, context({"categories": {"x": {"max": 4}}}))
-    assert sorted(kept["prompt_id"]) == sorted(["a4", "b1", "a1", "c3"])
+    assert sorted(kept["prompt_id"]) == sorted(["a4", "a1", "c1", "c3"])
     assert stats["categories"]["x"] == {"quota": 4, "have": 8, "kept": 4}
 
 

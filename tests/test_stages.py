@@ -96,3 +96,17 @@ def test_answers_split_and_normalise():
     assert normalise_answer("The sentiment of this review is Positive.", labels) == "positive"
     assert normalise_answer("positive or negative", labels) == "positive or negative"
     assert normalise_answer("Nonnegative!", labels) == "nonnegative"
+
+
+def test_selection_and_splits_draw_independently():
+    """Keeping the rows with the smallest selection draws must not skew the splits."""
+    from engine.spec import Coverage, Diversity
+    from engine.stages.select import Select
+
+    ids = [prompt_id(f"p{i}") for i in range(4000)]
+    frame = pl.DataFrame({"prompt_id": ids, "parent_id": ids, "category": ["x"] * 4000, "cluster": [0] * 4000})
+    coverage = Coverage(categories={"x": {"max": 1000}})
+    kept, _, _ = Select().run(frame, ctx(coverage=coverage, diversity=Diversity(seed=7)))
+    split, _, stats = Split().run(kept, ctx(splits=Splits(train=0.7, val=0.1, test=0.2, seed=7)))
+    assert kept.height == 1000
+    assert abs(stats["train"] / 1000 - 0.7) < 0.05 and abs(stats["test"] / 1000 - 0.2) < 0.04

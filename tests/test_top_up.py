@@ -7,6 +7,7 @@ import yaml
 import store
 from engine import pipeline
 from engine.spec import load_spec
+from engine.stages.base import prompt_id
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -37,9 +38,10 @@ def test_short_category_is_topped_up_to_its_quota(project):
     counts = dict(examples.group_by("category").len().iter_rows())
     assert counts == {"a": 6, "b": 6}
     b = examples.filter(pl.col("category") == "b")
-    assert (b["origin"] == "template").sum() == 4  # 2 from the augment stage, 2 from top-up
+    assert (b["origin"] == "template").sum() >= 4  # the 2 originals alone could never fill 6
     assert b["prompt_id"].n_unique() == 6
-    assert set(b.filter(pl.col("origin") == "template")["parent_id"]) <= set(b.filter(pl.col("origin") == "source")["prompt_id"])
+    originals = {prompt_id(f"Tell me about boats, story {i}.") for i in range(2)}
+    assert set(b.filter(pl.col("origin") == "template")["parent_id"]) <= originals
     top = result.stage_stats["top_up"]
     assert top["rounds"] == 1 and top["still_short"] == {}
     # each original has at most augment_cap variations, across rounds

@@ -58,9 +58,13 @@ def prompt_id(text: str) -> str:
     return hashlib.sha256(normalise_prompt(text).encode()).hexdigest()
 
 
-def seeded_unit(seed: int, key: str) -> float:
-    """A uniform number in [0, 1) fixed by (seed, key): stable across runs and machines."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+def seeded_unit(purpose: str, seed: int, key: str) -> float:
+    """A uniform number in [0, 1) fixed by (purpose, seed, key): stable across runs and machines.
+
+    `purpose` keeps the draws of different decisions independent: with one stream, the rows a
+    selection keeps (the smallest draws) would all land in the train split.
+    """
+    digest = hashlib.sha256(f"{purpose}:{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

@@ -21,7 +21,7 @@ class Mine:
         score = pl.col(column)
         in_band = frame.filter(score.is_between(lo, hi, closed="both").fill_null(False))
         outside = frame.filter(~score.is_between(lo, hi, closed="both").fill_null(False))
-        draw = pl.Series([seeded_unit(mining.seed, pid) for pid in outside["prompt_id"]], dtype=pl.Float64)
+        draw = pl.Series([seeded_unit("mine", mining.seed, pid) for pid in outside["prompt_id"]], dtype=pl.Float64)
         n_keep = round(mining.outside_band_keep * outside.height)
         ranked = outside.with_columns(_draw=draw).sort("_draw", "prompt_id")
         kept_outside, dropped = ranked.head(n_keep).drop("_draw"), ranked.slice(n_keep).drop("_draw")

@@ -56,7 +56,7 @@ def round_robin(ids: list[str], clusters: list[int | None], keep: int, seed: int
     for i, c in enumerate(clusters):
         members.setdefault(c, []).append(i)
     order = sorted(members, key=lambda c: (c is None, c or 0))
-    queues = [sorted(members[c], key=lambda i: (seeded_unit(seed, ids[i]), ids[i])) for c in order]
+    queues = [sorted(members[c], key=lambda i: (seeded_unit("select", seed, ids[i]), ids[i])) for c in order]
     picked: list[int] = []
     turn = 0
     while len(picked) < keep:

@@ -11,7 +11,7 @@ from engine.stages.base import RunContext, no_rejections, seeded_unit
 
 
 def assign_split(key: str, splits) -> str:
-    u = seeded_unit(splits.seed, key)
+    u = seeded_unit("split", splits.seed, key)
     if u < splits.train:
         return "train"
     return "val" if u < splits.train + splits.val else "test"
