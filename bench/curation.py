@@ -1,4 +1,4 @@
-"""Usage: .venv/bin/python bench/curation.py [--rows 100000] [--embed-sample 2000] [--scaling 50000,100000,200000] [--repeats 3]
+"""Usage: .venv/bin/python bench/curation.py [--rows 100000] [--embed-sample 2000] [--scaling 50000,100000,200000] [--repeats 3] [--only embed,pipeline,scaling,index]
 
 Curation benchmark (prints figures, not pass/fail), on seeded synthetic prompts of
 realistic variety (templates x word lists, with planted exact copies, paraphrases and
@@ -183,7 +183,8 @@ def bench_embedding(frame: pl.DataFrame, sample: int, cache_dir: Path) -> None:
 
     print(f"embedding  all-minilm-l6-v2, batch {spec.batch_size}, {torch.get_num_threads()} torch threads: "
           f"{counters['embedded']} new texts in {cold:.1f}s = {counters['embedded'] / cold:,.0f} texts/s (cold cache); "
-          f"re-run {len(texts) / warm:,.0f} texts/s (all cached)")
+          f"re-run {len(texts) / warm:,.0f} texts/s (all cached); 100k new texts would take "
+          f"{100_000 / (counters['embedded'] / cold) / 60:.0f} min")
 
 
 def bench_pipeline(frame: pl.DataFrame, plan: np.ndarray, rows: int, embed_all: bool, cache_dir: Path) -> None:
@@ -198,7 +199,7 @@ def bench_pipeline(frame: pl.DataFrame, plan: np.ndarray, rows: int, embed_all: 
     else:
         vectors = synthetic_vectors(plan)
     frame = with_embeddings(frame, vectors)
-    times["embed"] = (time.perf_counter() - started, frame.height, peak_rss_mb())
+    times["embed" if embed_all else "vectors"] = (time.perf_counter() - started, frame.height, peak_rss_mb())
     (kept, rejected, dstats), t = timed(Dedup().run, frame, ctx)
     times["dedup"] = (t, kept.height, peak_rss_mb())
     (clustered, _, cstats), t = timed(Diversity().run, kept, ctx)
@@ -255,17 +256,22 @@ def main() -> None:
     parser.add_argument("--scaling", default="50000,100000,200000")
     parser.add_argument("--index-sizes", default="2000,5000,10000,20000,40000")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="embed,pipeline,scaling,index", help="sections to run, comma-separated")
     args = parser.parse_args()
+    only = set(args.only.split(","))
     cache_dir = Path(tempfile.mkdtemp(prefix="bench-curation-"))
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start (timings scale with it), cache {cache_dir}")
 
     frame, plan = synthetic_prompts(args.rows)
     print(f"{args.rows:,} synthetic prompts, e.g. {frame['prompt'][0]!r}, {frame['prompt'][min(7, args.rows - 1)]!r}")
-    if args.embed_sample:
+    if args.embed_sample and "embed" in only:
         bench_embedding(frame, min(args.embed_sample, args.rows), cache_dir)
-    bench_pipeline(frame, plan, args.rows, args.embed_sample >= args.rows, cache_dir)
-    bench_scaling([int(s) for s in args.scaling.split(",") if s], args.repeats, cache_dir)
-    bench_index_choice([int(s) for s in args.index_sizes.split(",") if s], args.repeats)
+    if "pipeline" in only:
+        bench_pipeline(frame, plan, args.rows, args.embed_sample >= args.rows, cache_dir)
+    if "scaling" in only:
+        bench_scaling([int(s) for s in args.scaling.split(",") if s], args.repeats, cache_dir)
+    if "index" in only:
+        bench_index_choice([int(s) for s in args.index_sizes.split(",") if s], args.repeats)
 
 
 if __name__ == "__main__":
