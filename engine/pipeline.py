@@ -12,7 +12,6 @@ interrupted leaves no version behind (completed teacher answers and embeddings s
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from rich.table import Table
 import engine
 import store as store_api
 from engine.errors import Interrupted
+from store.inspect import reason_kind
 from engine.stage_cache import CACHED_STAGES, StageCache, file_digest, stage_key
 from engine.stages.base import RunContext, no_rejections
 from engine.teachers import teacher_fingerprint
@@ -246,14 +246,6 @@ def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | 
                 raise
     return RunResult(result.version, result.created, examples.height, stage_stats,
                      counters.get("teacher_calls", 0), rejected)
-
-
-def reason_kind(reason: str) -> str:
-    """A reason without its numbers and ids, so drops of one kind count together."""
-    return " ".join(_NUMBERS.sub("…", reason).split())
-
-
-_NUMBERS = re.compile(r"\b[0-9a-f]{8,}\b|[-+]?\d+(?:\.\d+)?(?:e-?\d+)?|'[^']*'")
 
 
 def summary_table(result: RunResult) -> Table:

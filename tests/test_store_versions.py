@@ -283,7 +283,7 @@ def test_summary_for_show(s):
     assert [n for _, _, n in sm.histogram] == [sum(lo <= v < lo + 0.25 for v in values) for lo in (0, 0.25, 0.5, 0.75)]
     assert sm.histogram[0][:2] == (0.0, 0.25)
     assert sm.by_category_split["n"].sum() == 20
-    assert sm.rejections.to_dicts()[0] == {"stage": "mine", "reason": "below band", "n": 2}
+    assert sm.rejections.to_dicts()[0] == {"stage": "mine", "reason": "below band", "example": "below band", "n": 2}
     assert sm.files["examples"]["rows"] == 20
 
 
@@ -310,3 +310,10 @@ def test_staging_folders_of_live_writers_are_spared(s):
         assert s.gc(grace_s=0).items == []  # held by this process
         assert (folder / "model.bin").exists()
     assert list((s.root / "staging").iterdir()) == []
+
+
+def test_reason_kind_folds_numbers_ids_and_names():
+    from store.inspect import reason_kind
+
+    assert reason_kind("near-duplicate of 1a2b3c4d (cos 0.953 ≥ 0.92)") == "near-duplicate of … (cos … ≥ …)"
+    assert reason_kind("over quota: category 'books' keeps 30 of 68") == "over quota: category … keeps … of …"
