@@ -165,7 +165,7 @@ class Embed(Strict):
 
 class SemanticDedup(Strict):
     threshold: float = Field(0.92, gt=0.0, le=1.0)  # cosine similarity at or above which rows are duplicates
-    exact_search_below: int = Field(20000, ge=1)  # rows; above it an approximate index is used
+    exact_search_below: int = Field(10000, ge=1)  # rows; above it an IVF index (measured in bench/curation.py)
 
 
 class Dedup(Strict):
