@@ -120,3 +120,18 @@ def test_a_commit_that_lost_the_race_is_retried_on_the_new_parent(project, monke
     result = run(project)
     assert raced[0].version == 1 and result.version == 2 and result.created
     assert [v.parent for v in st.versions("tiny")] == [None, 1]
+
+
+def test_dedup_against_an_earlier_version_adds_only_new_material(project, monkeypatch):
+    monkeypatch.chdir(project)
+    run(project)
+    with (project / "prompts.jsonl").open("a") as f:
+        f.write('{"text": "A brand new question: what is seven times six?", "gold": "42"}\n')
+    edit_spec(project, **{"dedup": {"exact": True, "against": "tiny@1"}})
+    second = run(project)
+    examples = store.open(project / "store").read("tiny@2", "examples")
+    assert examples["prompt"].to_list() == ["A brand new question: what is seven times six?"]
+    assert second.teacher_calls == 1
+    dropped = store.open(project / "store").read("tiny@2", "rejections").filter(stage="dedup")
+    assert dropped.height == N_PROMPTS and dropped["reason"].str.starts_with("already in tiny@1").all()
+    assert (dropped["similarity"] == 1.0).all()
