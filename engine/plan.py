@@ -33,13 +33,14 @@ class Plan:
     speed_source: str = ""
 
 
-def _cheap(stage, spec) -> bool:
+def _cheap(stage, spec, frame) -> bool:
     if stage.name == "assign":
         return spec.coverage.assign != "embedding"
     if stage.name == "augment":
         return not any(a.teacher for a in spec.augment)
-    if stage.name == "dedup":  # exact dedup hashes text; semantic dedup needs embeddings
-        return not spec.dedup.semantic and not spec.dedup.against
+    if stage.name == "dedup":  # exact dedup hashes text; semantic dedup is cheap once embeddings are at hand
+        has_vectors = frame is not None and "embedding" in frame.columns
+        return not spec.dedup.against and (not spec.dedup.semantic or has_vectors)
     return stage.name in CHEAP_STAGES
 
 
@@ -63,7 +64,7 @@ def make_plan(spec, st) -> Plan:
         return plan
     frame = cache.load_output(keyed[start][1]) if start >= 0 else None
     for stage, _ in keyed[start + 1 : teach_at]:
-        if not _cheap(stage, spec):
+        if not _cheap(stage, spec, frame):
             plan.calls_exact = False  # later stages (dedup, mining) can only remove rows
             continue
         frame, _, _ = stage.run(frame, ctx)

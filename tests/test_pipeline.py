@@ -135,3 +135,13 @@ def test_dedup_against_an_earlier_version_adds_only_new_material(project, monkey
     dropped = store.open(project / "store").read("tiny@2", "rejections").filter(stage="dedup")
     assert dropped.height == N_PROMPTS and dropped["reason"].str.starts_with("already in tiny@1").all()
     assert (dropped["similarity"] == 1.0).all()
+
+
+def test_plan_is_exact_when_embeddings_are_cached(project, monkeypatch):
+    """Semantic dedup over cached embeddings is cheap: plan runs it and counts calls exactly."""
+    monkeypatch.chdir(project)
+    edit_spec(project, **{"dedup": {"exact": True, "semantic": {"threshold": 0.99}}})
+    run(project)
+    edit_spec(project, **{"mining.band": [0.1, 1.0]})
+    plan = make_plan(load_spec(project / "spec.yaml"), store.open(project / "store"))
+    assert plan.teacher_calls == 0 and plan.calls_exact
