@@ -142,6 +142,7 @@ def test_plan_is_exact_when_embeddings_are_cached(project, monkeypatch):
     monkeypatch.chdir(project)
     edit_spec(project, **{"dedup": {"exact": True, "semantic": {"threshold": 0.99}}})
     run(project)
-    edit_spec(project, **{"mining.band": [0.1, 1.0]})
+    edit_spec(project, **{"dedup": {"exact": True, "semantic": {"threshold": 0.995}}})  # dedup must re-run
     plan = make_plan(load_spec(project / "spec.yaml"), store.open(project / "store"))
+    assert dict(plan.stages)["dedup"] == "to run"
     assert plan.teacher_calls == 0 and plan.calls_exact
