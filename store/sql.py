@@ -118,7 +118,17 @@ def parse(query: str) -> duckdb.Statement:
     if statement.type not in _READ_ONLY:
         kind = statement.type.name.replace("_", " ")
         raise StoreError(f"sql is read-only: {kind} statements are refused (use SELECT)")
+    if statement.type == duckdb.StatementType.EXPLAIN and "ANALYZE" in _keywords(query):
+        # EXPLAIN ANALYZE executes the statement it explains, COPY or CREATE included.
+        raise StoreError("sql is read-only: EXPLAIN ANALYZE is refused (plain EXPLAIN shows the plan)")
     return statement
+
+
+def _keywords(query: str) -> set[str]:
+    tokens = duckdb.tokenize(query)
+    ends = [start for start, _ in tokens[1:]] + [len(query)]
+    return {query[start:end].strip().upper().replace("ANALYSE", "ANALYZE")
+            for (start, kind), end in zip(tokens, ends) if kind == duckdb.token_type.keyword}
 
 
 def _list(paths) -> str:

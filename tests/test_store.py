@@ -197,6 +197,8 @@ def test_sql_tokens_view_adapts_to_columns(s):
     "EXPORT DATABASE '{out}/exp'",
     "INSTALL httpfs",
     "SELECT 1; CREATE TABLE t AS SELECT 1",
+    "EXPLAIN ANALYZE COPY (SELECT 1 AS x) TO '{file}' (FORMAT parquet, use_tmp_file false)",
+    "/* plan */ explain (analyse) CREATE TABLE t AS SELECT 1",
 ])
 def test_sql_refuses_writes(s, tmp_path, query):
     s.commit("demo", {"examples": examples(2)}, lineage(), parent=None)
@@ -207,6 +209,11 @@ def test_sql_refuses_writes(s, tmp_path, query):
     with pytest.raises(store.StoreError):
         s.sql(query.format(out=out, file=file), at="demo@1")
     assert list(out.iterdir()) == [] and file.read_bytes() == before
+
+
+def test_plain_explain_still_shows_a_plan(s):
+    s.commit("demo", {"examples": examples(2)}, lineage(), parent=None)
+    assert s.sql("EXPLAIN SELECT count(*) FROM examples", at="demo@1").num_rows >= 1
 
 
 @pytest.mark.parametrize("query", [
