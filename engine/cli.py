@@ -65,8 +65,8 @@ def plan(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optio
     for name, status in p.stages:
         table.add_row(name, status)
     out.print(table)
-    bound = "" if p.calls_exact else "at most "
-    if p.teacher_calls == 0:
+    bound = p.bound
+    if p.teacher_calls == 0 and not bound:
         out.print("teacher calls to pay: 0 (every answer is cached)")
     else:
         out.print(f"teacher calls to pay: {bound}{p.teacher_calls} of {p.teacher_rows} prompts "

@@ -77,12 +77,11 @@ def _digest_of(path: str, size: int, mtime_ns: int) -> str:
 
 
 def _folder_digest(folder: Path) -> str:
-    """Digest of a HF folder's config and weights (enough to tell two models apart)."""
+    """Digest of every file of a model folder (pooling configs and vocabularies change outputs too)."""
     h = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
-        if f.suffix in (".json", ".safetensors", ".bin", ".model"):
-            h.update(f.name.encode())
-            h.update(_file_digest(f).encode())
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(_file_digest(f).encode())
     return h.hexdigest()
 
 

@@ -40,7 +40,7 @@ COMMIT_ATTEMPTS = 5
 
 
 def needs_embeddings(spec) -> bool:
-    return bool(spec.dedup.semantic or spec.dedup.against or spec.diversity)
+    return bool(spec.dedup.semantic or spec.diversity)
 
 
 def stages_for(spec) -> list:
@@ -96,8 +96,10 @@ def stage_config(name: str, spec, st) -> object:
     if name == "sources":
         return [[_dump(s), files([s.path]), version_of(s.from_)] for s in spec.sources]
     if name == "assign":
-        embedder = _dump(spec.embed) if spec.coverage.assign == "embedding" else None
-        return [_dump(spec.coverage), embedder]
+        from engine.models import fingerprint
+
+        by_embedding = spec.coverage.assign == "embedding"
+        return [_dump(spec.coverage), [_dump(spec.embed), fingerprint(spec.embed.model)] if by_embedding else None]
     if name == "augment":
         teacher = [_dump(spec.teacher), teacher_fingerprint(spec.teacher)] if any(a.teacher for a in spec.augment) else None
         return [[_dump(a) for a in spec.augment], files([a.template for a in spec.augment]), teacher]
@@ -203,7 +205,7 @@ def curate(spec, st, *, progress: bool = True, console: Console | None = None):
         if i <= start:
             dropped, stats = cur.cache.load_record(key)
             frame = cur.cache.load_output(key) if i == start else None
-            stats["cached"] = True
+            stats["from_stage_cache"] = True
         else:
             frame, dropped, stats = run_stage(stage, frame, ctx)
             cur.cache.save(key, frame if stage.name in CACHED_STAGES else None, dropped, stats)
@@ -217,7 +219,7 @@ def curate(spec, st, *, progress: bool = True, console: Console | None = None):
 
 
 def _stage_line(name: str, stats: dict, dropped: int) -> str:
-    timing = "cached" if stats.get("cached") else f"{stats['seconds']:.2f}s"
+    timing = "cached" if stats.get("from_stage_cache") else f"{stats['seconds']:.2f}s"
     rows_in, rows_out = stats.get("rows_in"), stats.get("rows_out")
     return f"[bold]{name:<11}[/] {rows_in!s:>7} in  {rows_out!s:>7} kept  {dropped:>6} dropped  {timing:>8}"
 
@@ -260,6 +262,6 @@ def summary_table(result: RunResult) -> Table:
         mine = kinds.filter(pl.col("stage") == name)
         why = "; ".join(f"{n} {k}" for k, n in mine.select("kind", "len").head(3).iter_rows())
         dropped = int(mine["len"].sum()) if mine.height else 0
-        timing = "cached" if stats.get("cached") else f"{stats.get('seconds', 0):.1f}s"
+        timing = "cached" if stats.get("from_stage_cache") else f"{stats.get('seconds', 0):.1f}s"
         table.add_row(name, str(stats.get("rows_in", "")), str(stats.get("rows_out", "")), str(dropped), why, timing)
     return table

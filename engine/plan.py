@@ -28,7 +28,7 @@ class Plan:
     stages: list[tuple[str, str]] = field(default_factory=list)  # (stage, status)
     teacher_rows: int | None = None
     teacher_calls: int | None = None
-    calls_exact: bool = True
+    bound: str = ""  # "", "at most ", "at least " or "roughly ": how exact teacher_calls is
     seconds: float | None = None
     speed_source: str = ""
 
@@ -63,11 +63,16 @@ def make_plan(spec, st) -> Plan:
         plan.teacher_calls, plan.teacher_rows, plan.seconds = 0, None, 0.0
         return plan
     frame = cache.load_output(keyed[start][1]) if start >= 0 else None
+    skipped_adds = skipped_drops = False
     for stage, _ in keyed[start + 1 : teach_at]:
         if not _cheap(stage, spec, frame):
-            plan.calls_exact = False  # later stages (dedup, mining) can only remove rows
+            # Skipping a stage that adds rows (teacher rewrites) undercounts; one that drops rows overcounts.
+            skipped_adds |= stage.name == "augment"
+            skipped_drops |= stage.name != "augment"
             continue
         frame, _, _ = stage.run(frame, ctx)
+    plan.bound = {(False, False): "", (False, True): "at most ", (True, False): "at least "}.get(
+        (skipped_adds, skipped_drops), "roughly ")
     _count_calls(plan, frame, spec, ctx)
     return plan
 

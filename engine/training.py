@@ -29,8 +29,11 @@ class TrainResult:
 
 
 def training_hash(spec) -> str:
+    from engine.models import fingerprint
+
     shaping = {
-        "teacher": spec.teacher.model,
+        "teacher": fingerprint(spec.teacher.model),  # weights, not the name: a changed file retrains
+        "student_models": [fingerprint(s.model) for s in spec.students if s.model],
         "students": [s.model_dump(mode="json") for s in spec.students],
         "training": spec.training.model_dump(mode="json"),
     }

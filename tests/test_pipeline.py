@@ -56,8 +56,8 @@ def test_changing_the_band_reuses_every_teacher_answer(project, monkeypatch):
     edit_spec(project, **{"mining.band": [scores[N_PROMPTS // 2], 1.0]})
     second = run(project)
     assert second.created and second.version == 2 and second.teacher_calls == 0
-    assert second.stage_stats["teach"].get("cached") and second.stage_stats["confidence"].get("cached")
-    assert not second.stage_stats["mine"].get("cached")
+    assert second.stage_stats["teach"].get("from_stage_cache") and second.stage_stats["confidence"].get("from_stage_cache")
+    assert not second.stage_stats["mine"].get("from_stage_cache")
     assert N_PROMPTS // 2 - 2 <= second.rows <= N_PROMPTS // 2 + 2
 
 
@@ -65,7 +65,7 @@ def test_plan_counts_calls_before_and_after(project, monkeypatch):
     monkeypatch.chdir(project)
     st = store.open(project / "store")
     before = make_plan(load_spec(project / "spec.yaml"), st)
-    assert before.teacher_calls == N_PROMPTS and before.calls_exact
+    assert before.teacher_calls == N_PROMPTS and before.bound == ""
     assert dict(before.stages)["teach"] == "to run"
     run(project)
     after = make_plan(load_spec(project / "spec.yaml"), st)
@@ -145,4 +145,4 @@ def test_plan_is_exact_when_embeddings_are_cached(project, monkeypatch):
     edit_spec(project, **{"dedup": {"exact": True, "semantic": {"threshold": 0.995}}})  # dedup must re-run
     plan = make_plan(load_spec(project / "spec.yaml"), store.open(project / "store"))
     assert dict(plan.stages)["dedup"] == "to run"
-    assert plan.teacher_calls == 0 and plan.calls_exact
+    assert plan.teacher_calls == 0 and plan.bound == ""

@@ -25,7 +25,7 @@ def teacher_prompts(frame: pl.DataFrame, spec) -> list[str]:
     """What the teacher is asked: the row through teacher.prompt, plus the reasoning suffix."""
     template = load_template(spec.resolve_path(spec.teacher.prompt)) if spec.teacher.prompt else None
     suffix = spec.teacher.reasoning.suffix if spec.teacher.reasoning else ""
-    rows = frame.to_dicts()
+    rows = frame.drop("embedding", strict=False).to_dicts()  # 384 floats a row are no template's business
     texts = [render(template, row) if template else row["prompt"] for row in rows]
     return [text + suffix for text in texts]
 
