@@ -8,7 +8,6 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import polars as pl
@@ -229,14 +228,6 @@ class Store:
     def read_arrow(self, ref: str | VersionInfo, table: str, columns: list[str] | None = None) -> pa.Table:
         """`read`, as an Arrow table."""
         return self.read(ref, table, columns).to_arrow()
-
-    def iter_frames(self, ref: str | VersionInfo, table: str, batch_rows: int = 4096) -> Iterator[pl.DataFrame]:
-        """The version's rows in bounded memory (one file at a time), not ordered by prompt_id."""
-        info = ref if isinstance(ref, VersionInfo) else self.resolve(ref)
-        for seg in self._table(info, table):
-            frame = _read_segment(seg, None)
-            for start in range(0, max(frame.height, 1), batch_rows):
-                yield frame.slice(start, batch_rows)
 
     def sql(self, query: str, at: str | None = None) -> pa.Table:
         """Run read-only SQL. With `at`, the version's tables (and `tokens`) are views; any version is

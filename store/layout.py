@@ -145,7 +145,6 @@ class TablePlan:
     rows: int
     kept: list[Segment] = field(default_factory=list)
     chunks: list[tuple[pl.DataFrame, np.ndarray]] = field(default_factory=list)  # (rows, their hashes)
-    reused_rows: int = 0
 
 
 def chunk_rows(frame: pl.DataFrame) -> int:
@@ -211,7 +210,6 @@ def _match(plan: TablePlan, new: pl.DataFrame, new_h: np.ndarray, base: list[Seg
             continue
         deleted = np.setdiff1d(np.arange(seg.rows, dtype=np.int64), pos, assume_unique=True).astype(np.uint32)
         plan.kept.append(Segment(seg.path, seg.sha256, seg.rows, seg.bytes, deleted if len(deleted) else None))
-    plan.reused_rows = sum(s.live_rows for s in plan.kept)
     return write_idx, rewrite
 
 
