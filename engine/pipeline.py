@@ -98,8 +98,12 @@ def stage_config(name: str, spec, st) -> object:
     if name == "assign":
         from engine.models import fingerprint
 
-        by_embedding = spec.coverage.assign == "embedding"
-        return [_dump(spec.coverage), [_dump(spec.embed), fingerprint(spec.embed.model)] if by_embedding else None]
+        # Only what decides a row's category: quotas are select's business, so changing one re-runs select alone.
+        cov = spec.coverage
+        rules = {name: [c.describe, c.keywords] for name, c in cov.categories.items()}
+        by_embedding = cov.assign == "embedding"
+        return [cov.assign, cov.similarity_floor, rules,
+                [_dump(spec.embed), fingerprint(spec.embed.model)] if by_embedding else None]
     if name == "augment":
         teacher = [_dump(spec.teacher), teacher_fingerprint(spec.teacher)] if any(a.teacher for a in spec.augment) else None
         return [[_dump(a) for a in spec.augment], files([a.template for a in spec.augment]), teacher]

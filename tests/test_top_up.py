@@ -56,3 +56,16 @@ def test_without_top_up_the_shortfall_is_reported(project):
     short = result.stage_stats["select"]["shortfall"]
     assert short["b"]["short_by"] == 2 and "too few from sources" in short["b"]["why"]
     assert result.rows == 10
+
+
+def test_changing_a_quota_reruns_only_selection(project):
+    spec = yaml.safe_load((project / "spec.yaml").read_text())
+    spec["coverage"]["augment_until_quota"] = False
+    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
+    pipeline.run(load_spec(project / "spec.yaml"), store.open(project / "store"), progress=False)
+    spec["coverage"]["categories"]["a"] = {"max": 3}
+    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
+    again = pipeline.run(load_spec(project / "spec.yaml"), store.open(project / "store"), progress=False)
+    ran = [name for name, stats in again.stage_stats.items() if not stats.get("from_stage_cache")]
+    assert ran == ["mine", "select", "split"] and again.teacher_calls == 0
+    assert again.rows == 3 + 4
