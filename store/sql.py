@@ -62,10 +62,10 @@ def run_sql(query: str, views: dict[str, list[Segment]] | None = None,
                 parts.append(f"SELECT * EXCLUDE (file_row_number) FROM read_parquet({_list([seg.path])},"
                              f" file_row_number=true) WHERE file_row_number NOT IN (SELECT pos FROM _dv{dv})")
             files += [str(s.path) for s in segments]
-            con.execute(f"CREATE VIEW {_quote(name)} AS {' UNION ALL '.join(parts)}")
+            con.execute(f"CREATE VIEW {quote(name)} AS {' UNION ALL '.join(parts)}")
         for name, table in (extra_tables or {}).items():
             con.register("_extra_src", table)
-            con.execute(f"CREATE TABLE {_quote(name)} AS SELECT * FROM _extra_src")
+            con.execute(f"CREATE TABLE {quote(name)} AS SELECT * FROM _extra_src")
             con.unregister("_extra_src")
         for name in list(views or {}):
             if name == "examples" or name.endswith("_examples"):
@@ -87,11 +87,11 @@ def tokens_view_sql(columns: list[str], source: str = "examples", name: str = "t
     keys = [c for c in _TOKEN_KEYS if c in columns]
     lists = [f"{expr} AS {col}" for col, expr in _TOKEN_LISTS.items()
              if col in ("position", "token_id") or col in columns]
-    return f"CREATE VIEW {_quote(name)} AS SELECT {', '.join(keys + lists)} FROM {_quote(source)}"
+    return f"CREATE VIEW {quote(name)} AS SELECT {', '.join(keys + lists)} FROM {quote(source)}"
 
 
 def _tokens_view(con: duckdb.DuckDBPyConnection, source: str, name: str) -> None:
-    columns = [r[0] for r in con.execute(f"DESCRIBE {_quote(source)}").fetchall()]
+    columns = [r[0] for r in con.execute(f"DESCRIBE {quote(source)}").fetchall()]
     sql = tokens_view_sql(columns, source, name)
     if sql:
         con.execute(sql)
@@ -135,12 +135,9 @@ def _list(paths) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def quote(name: str) -> str:
-    return _quote(name)
+    """A SQL identifier, double-quoted."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _first_line(e: Exception) -> str:
