@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from engine.embed import embed_texts  # noqa: E402
+from engine.embedder import embed_texts  # noqa: E402
 from engine.spec import Dedup as DedupSpec  # noqa: E402
 from engine.spec import Diversity as DiversitySpec  # noqa: E402
 from engine.spec import Embed as EmbedSpec  # noqa: E402

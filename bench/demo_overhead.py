@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import store
-from engine import pipeline
+from engine.curate import pipeline
 from engine.spec import load_spec
 
 

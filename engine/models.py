@@ -15,13 +15,12 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from engine.errors import ModelError
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-class ModelError(Exception):
-    """A model that cannot be found or loaded; one line for the user."""
 
 
 # alias -> (installed package, file or folder inside it)

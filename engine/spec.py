@@ -14,9 +14,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engine.errors import SpecError
 
-class SpecError(Exception):
-    """A spec that cannot be used; the message is one line naming file and field."""
 
 
 class Strict(BaseModel):

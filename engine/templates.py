@@ -16,9 +16,8 @@ from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, meta, no
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from engine.errors import TemplateProblem
 
-class TemplateProblem(Exception):
-    """A template that cannot be compiled or rendered; one line naming file and line."""
 
 
 _env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)

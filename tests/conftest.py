@@ -57,7 +57,7 @@ def make_examples(model_dir, *, prompts=TINY_PROMPTS, top_k: int = 8, max_new_to
     Rows 0-9 train, 10-11 val, 12-15 test. Even rows are labelled with the teacher's own
     answer (so the teacher scores 100% on them), odd rows with "no" (which it never says).
     """
-    from engine.answers import split_answer
+    from engine.teachers.answers import split_answer
     from engine.models import chat_prompt_ids, load_causal_lm
 
     model, tokenizer = load_causal_lm(str(model_dir))  # pads on the left, for batched generation

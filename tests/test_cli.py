@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 import store
-from engine import pipeline
+from engine.curate import pipeline
 from engine.cli import app
 from engine.errors import Interrupted
 from engine.spec import load_spec

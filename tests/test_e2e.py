@@ -14,7 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 import store
-from engine import pipeline, training
+from engine.curate import pipeline
+from engine.train import runs as training
 from engine.cli import app
 from engine.models import chat_prompt_ids, load_causal_lm
 from engine.spec import load_spec

@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-import engine.embed as embed_module
-from engine.embed import embed_texts, load_embedder
+import engine.embedder as embed_module
+from engine.embedder import embed_texts, load_embedder
 from engine.models import locate
 from engine.spec import Embed as EmbedSpec
 from engine.stages.base import RunContext

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 import store
-from engine import pipeline
+from engine.curate import pipeline
 from engine.cli import app
 from engine.scaffold import ScaffoldError, detect_columns, detect_format, scaffold
 from engine.spec import load_spec

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 import store
-from engine import pipeline
-from engine.plan import make_plan
+from engine.curate import pipeline
+from engine.curate.plan import make_plan
 from engine.spec import load_spec
 
 N_PROMPTS = 48

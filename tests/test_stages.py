@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from engine.answers import normalise_answer, split_answer
+from engine.teachers.answers import normalise_answer, split_answer
 from engine.spec import Mining, Splits
 from engine.stages.base import RunContext, prompt_id
 from engine.stages.confidence import row_measures

@@ -59,7 +59,7 @@ def test_render_errors_are_one_line_with_the_line():
 
 
 def test_example_variables_are_the_pipelines_scalar_columns():
-    from engine.pipeline import EXAMPLE_COLUMNS
+    from engine.curate.pipeline import EXAMPLE_COLUMNS
 
     lists = {"token_ids", "token_logprobs", "topk_ids", "topk_logprobs"}
     assert set(EXAMPLE_VARIABLES) == set(EXAMPLE_COLUMNS) - lists

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 import store
-from engine import pipeline
+from engine.curate import pipeline
 from engine.spec import load_spec
 from engine.stages.base import prompt_id
 

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import polars as pl
 
+from engine.errors import StageError
+
 REJECTION_SCHEMA = {
     "prompt_id": pl.String,
     "parent_id": pl.String,
@@ -27,9 +29,6 @@ REJECTION_SCHEMA = {
     "similarity": pl.Float64,  # dedup: cosine similarity to that neighbour
 }
 
-
-class StageError(Exception):
-    """Input a stage cannot work with; one line naming the file, line or spec field."""
 
 
 @dataclass

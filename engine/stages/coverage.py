@@ -18,8 +18,8 @@ UNCATEGORISED = "uncategorised"
 
 
 def embed_texts(texts: list[str], embed_spec, cache_dir, *, progress: bool = True, counters: dict | None = None):
-    """engine.embed.embed_texts, imported late: only embedding assignment needs a model."""
-    from engine.embed import embed_texts as embed
+    """engine.embedder.embed_texts, imported late: only embedding assignment needs a model."""
+    from engine.embedder import embed_texts as embed
 
     return embed(texts, embed_spec, cache_dir, progress=progress, counters=counters)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from engine.embed import embed_texts
+from engine.embedder import embed_texts
 from engine.stages.base import RunContext, StageError, no_rejections, rejections
 from engine.stages.embed import embedding_matrix
 from store import StoreError

@@ -1,7 +1,7 @@
 """Embed: add an `embedding` column (L2-normalised float32 array) for each row's prompt.
 
 Dedup and diversity read it; the pipeline drops it before committing. Vectors come from
-the per-text cache where they are there (engine.embed), so a re-run embeds nothing.
+the per-text cache where they are there (engine.embedder), so a re-run embeds nothing.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from engine.embed import embed_texts
+from engine.embedder import embed_texts
 from engine.stages.base import RunContext, StageError, no_rejections
 
 COLUMN = "embedding"

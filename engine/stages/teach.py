@@ -12,9 +12,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from engine.answers import split_answer
-from engine.arrow import list_column, nested_list_column
-from engine.cache import TeacherCache, request_key
+from engine.teachers.answers import split_answer
+from engine.teachers.arrow import list_column, nested_list_column
+from engine.teachers.request_cache import TeacherCache, request_key
 from engine.progress import progress_bar
 from engine.stages.base import RunContext, no_rejections
 from engine.teachers import load_teacher, teacher_fingerprint

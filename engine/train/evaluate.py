@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from transformers import GenerationConfig
 
-from engine.answers import normalise_answer, split_answer
+from engine.teachers.answers import normalise_answer, split_answer
 from engine.models import chat_prompt_ids, load_causal_lm, resolve_causal_lm, set_threads
 from engine.spec import Spec, SpecError
 from engine.train.data import collate, encode, response_logits, student_texts

@@ -1,20 +1,13 @@
-"""The `syllabus` command: parse, call one function, print.
-
-Errors users can fix (a bad spec, a missing file, an unknown version) print as one
-line, without a traceback, and exit with status 1.
-"""
+"""Verbs over a spec: validate, plan, run, train, eval."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from engine import cli_store  # noqa: F401  (registers the store commands)
-from engine import cli_init  # noqa: F401  (registers `syllabus init`)
-from engine.cli_common import StoreOption, app, err, open_store, out
+from engine.cli.common import StoreOption, app, err, open_store, out
 
 
 def _spec(path: Path):
@@ -37,7 +30,7 @@ def validate(spec: Path = typer.Argument(..., help="spec file (YAML)")):
 def run(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optional[Path] = StoreOption,
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output")):
     """Curate the spec's dataset and commit it as a new version (nothing new if unchanged)."""
-    from engine import pipeline
+    from engine.curate import pipeline
 
     s = _spec(spec)
     result = pipeline.run(s, open_store(store), progress=not quiet, console=err)
@@ -55,7 +48,7 @@ def plan(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optio
     """What `run` would do: cached stages, teacher calls still to pay and their estimated time."""
     from rich.table import Table
 
-    from engine.plan import make_plan
+    from engine.curate.plan import make_plan
 
     s = _spec(spec)
     p = make_plan(s, open_store(store))
@@ -78,7 +71,7 @@ def train(spec: Path = typer.Argument(..., help="spec file (YAML)"),
           dataset: Optional[str] = typer.Option(None, "--dataset", help="version to train on (default: NAME@latest)"),
           store: Optional[Path] = StoreOption, quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Train every student of the spec from one pinned dataset version, in one pass."""
-    from engine import training
+    from engine.train import runs as training
 
     s = _spec(spec)
     result = training.train(s, open_store(store), dataset, progress=not quiet, console=err)
@@ -91,27 +84,10 @@ def evaluate(spec: Path = typer.Argument(..., help="spec file (YAML)"),
              dataset: Optional[str] = typer.Option(None, "--dataset", help="version the students were trained on"),
              store: Optional[Path] = StoreOption, quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Teacher vs students on the test split: size, speed, accuracy, agreement, KL, retention."""
-    from engine import training
+    from engine.train import runs as training
     from engine.train import format_table
 
     s = _spec(spec)
     rows, path = training.evaluate(s, open_store(store), dataset, progress=not quiet, console=err)
     out.print(format_table(rows))
     out.print(f"saved {path}", style="dim")
-
-
-def main() -> None:
-    from engine.errors import USER_ERRORS, Interrupted
-
-    try:
-        app()
-    except Interrupted as e:
-        err.print(f"[yellow]interrupted:[/] {e}", highlight=False)
-        sys.exit(130)
-    except USER_ERRORS as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.cache import TeacherCache, request_key
-from engine.pipeline import resume_point, stage_keys
-from engine.stage_cache import CACHED_STAGES, StageCache
+from engine.teachers.request_cache import TeacherCache, request_key
+from engine.curate.pipeline import resume_point, stage_keys
+from engine.curate.stage_cache import CACHED_STAGES, StageCache
 from engine.stages.base import RunContext
 from engine.stages.teach import generation_params, teacher_prompts
 from engine.teachers import teacher_fingerprint

@@ -35,7 +35,7 @@ def _pool_for(category: str, taught: pl.DataFrame, dropped: pl.DataFrame) -> pl.
 
 def _teach_new_rows(cur, new: pl.DataFrame, taught: pl.DataFrame) -> pl.DataFrame:
     """New rows through embed → dedup (against every kept row) → teach → confidence."""
-    from engine.pipeline import run_stage
+    from engine.curate.pipeline import run_stage
 
     ctx, batch = cur.ctx, new
     if (embed := _stage(cur, "embed")) is not None:
@@ -80,7 +80,7 @@ def top_up_until_quota(cur) -> pl.DataFrame:
 
 
 def _redo(cur, stage, frame):
-    from engine.pipeline import run_stage
+    from engine.curate.pipeline import run_stage
 
     cur.records[stage.name] = no_rejections()  # its earlier drops are decided afresh
     cur.ctx.rejected = list(cur.records.values())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from engine.cli_common import app, out
+from engine.cli.common import app, out
 
 
 @app.command()

@@ -2,7 +2,7 @@
 
 Stage order: sources → assign → augment → embed → dedup → teach → confidence → mine
 → diversity → select → split (a stage the spec does not ask for is left out).
-Each stage's result is cached by content (engine.stage_cache), so a re-run starts from
+Each stage's result is cached by content (engine.curate.stage_cache), so a re-run starts from
 the deepest stage whose output is already known, and changing only the band or a quota
 re-runs selection without calling the teacher or the embedder.
 
@@ -23,7 +23,7 @@ import engine
 import store as store_api
 from engine.errors import Interrupted
 from store.inspect import reason_kind
-from engine.stage_cache import CACHED_STAGES, StageCache, file_digest, stage_key
+from engine.curate.stage_cache import CACHED_STAGES, StageCache, file_digest, stage_key
 from engine.stages.base import RunContext, no_rejections
 from engine.teachers import teacher_fingerprint
 from engine.templates import check_spec_templates
@@ -215,7 +215,7 @@ def curate(spec, st, *, progress: bool = True, console: Console | None = None):
             cur.cache.save(key, frame if stage.name in CACHED_STAGES else None, dropped, stats)
         cur.record(stage.name, frame, dropped, stats)
     if spec.coverage and spec.coverage.augment_until_quota:
-        from engine.top_up import top_up_until_quota
+        from engine.curate.top_up import top_up_until_quota
 
         frame = top_up_until_quota(cur)
     examples = frame.select(c for c in EXAMPLE_COLUMNS if c in frame.columns)

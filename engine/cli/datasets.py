@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from engine.cli_common import StoreOption, app, err, open_store, out
+from engine.cli.common import StoreOption, app, err, open_store, out
 
 
 def _size(n: int) -> str:

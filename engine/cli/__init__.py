@@ -1,0 +1,30 @@
+"""The `syllabus` command: parse, call one function, print.
+
+Each module registers its verbs on the shared app: curate (validate, plan, run, train,
+eval), datasets (versions, show, sql, diff, export, tag, gc, verify), init. Errors users
+can fix (a bad spec, a missing file, an unknown version) print as one line, without a
+traceback, and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from engine.cli import curate, datasets, init  # noqa: F401  (each registers its verbs)
+from engine.cli.common import app, err
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    from engine.errors import Interrupted, UserError
+    from store import StoreError
+
+    try:
+        app()
+    except Interrupted as e:
+        err.print(f"[yellow]interrupted:[/] {e}", highlight=False)
+        sys.exit(130)
+    except (UserError, StoreError) as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
