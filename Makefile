@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup llama-server demo test bench clean
 
 setup: $(STAMP)
 
@@ -24,12 +24,36 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# llama-cpp-python: the real OpenAI-compatible server the openai teacher backend is tested against.
+# It compiles from source (6 minutes on 2 idle cores, 18 on busy ones), so its wheel is built once per machine into
+# a cache outside the repo (WHEELS); later runs, and fresh clones, install it from there in seconds.
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS      ?= $(HOME)/.cache/syllabus/wheels
+LLAMA_STAMP := $(VENV)/.llama-cpp-python-$(LLAMA_CPP_VERSION)
+# Portable CPU code (AVX2, no -march=native: AMX/AVX-512 code built here died with an invalid opcode
+# in this sandbox), and no multimodal library (llava/mtmd): the tests need neither, the build is shorter.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+LLAMA_PIP   := $(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-index --find-links $(WHEELS)
+
+llama-server: $(LLAMA_STAMP)
+
+# Its server's dependencies (fastapi, uvicorn, ...) are pinned in requirements.lock; the wheel goes in --no-deps.
+$(LLAMA_STAMP): $(STAMP)
+	mkdir -p $(WHEELS)
+	$(LLAMA_PIP) llama-cpp-python==$(LLAMA_CPP_VERSION) 2>/dev/null || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) for this machine, once (6-20 minutes), into $(WHEELS)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(BIN)/pip wheel --quiet --disable-pip-version-check --no-cache-dir --no-deps --no-binary llama-cpp-python \
+	    -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION) && \
+	  $(LLAMA_PIP) llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/syllabus run $(SPEC)
 	$(BIN)/syllabus train $(SPEC)
 	$(BIN)/syllabus eval $(SPEC)
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

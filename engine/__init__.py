@@ -1,3 +1,3 @@
 """syllabus engine: spec language, pipeline, stages, teacher backends, trainer, CLI."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -7,7 +7,15 @@ caught beside these by the CLI; the store knows nothing of the engine.
 
 
 class UserError(Exception):
-    """Something the user can act on; the message is one line naming the file, field or line."""
+    """Something the user can act on: one line naming the file, field or line per problem.
+
+    Several problems found at once (validate lists them all) are one message of several
+    lines, each complete on its own; `lines` gives them for printing one by one.
+    """
+
+    @property
+    def lines(self) -> list[str]:
+        return str(self).splitlines() or [type(self).__name__]
 
 
 class SpecError(UserError):
@@ -22,8 +30,16 @@ class ModelError(UserError):
     """A model that cannot be found or loaded; one line for the user."""
 
 
+class TeacherError(UserError):
+    """A teacher server that cannot be used (unreachable, misconfigured, no logprobs, no key); one line."""
+
+
 class TemplateProblem(UserError):
     """A template that cannot be compiled or rendered; one line naming file and line."""
+
+
+class RenderLimit(TemplateProblem):
+    """One row's render ran past the time or size limit: a bad row (the stage may reject it and go on)."""
 
 
 class TrainError(UserError):

@@ -60,14 +60,16 @@ def locate(name: str) -> Path:
     raise ModelError(f"model {name!r} is neither a bundled alias ({known}), a local HF folder, nor a .gguf file")
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     st = path.stat()
-    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    # ctime and inode too: an in-place rewrite that keeps size and mtime (`cp -p`, `rsync -t --inplace`)
+    # still moves ctime, which no user call can set back (the store's stamps rest on the same rule).
+    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 @lru_cache(maxsize=64)
-def _digest_of(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file, remembered while its size and mtime stay the same."""
+def _digest_of(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    """sha256 of a file, remembered while its stat stamp (size, mtime, ctime, inode) stays the same."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -75,12 +77,18 @@ def _digest_of(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
-def _folder_digest(folder: Path) -> str:
-    """Digest of every file of a model folder (pooling configs and vocabularies change outputs too)."""
+def folder_digest(folder: Path) -> str:
+    """Digest of every file of a model folder (pooling configs and vocabularies change outputs too).
+
+    Hidden files and everything under hidden folders are left out: lock files, a git checkout's
+    .git/ (its index moves on `git status`) and the hub's .cache/ change while the model does not.
+    """
     h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    visible = (p for p in folder.rglob("*")
+               if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for f in sorted(visible):
         h.update(str(f.relative_to(folder)).encode())
-        h.update(_file_digest(f).encode())
+        h.update(file_digest(f).encode())
     return h.hexdigest()
 
 
@@ -89,7 +97,7 @@ def resolve_causal_lm(name: str) -> Path:
     path = locate(name)
     if path.is_dir():
         return path
-    digest = _file_digest(path)
+    digest = file_digest(path)
     target = cache_root() / f"{path.stem}-{digest[:16]}"
     if not (target / "config.json").is_file():
         _convert_gguf(path, target)
@@ -124,7 +132,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 def fingerprint(name: str) -> str:
     """Stable identity of a model's weights: what a cache key or lineage records."""
     path = locate(name)
-    digest = _file_digest(path) if path.is_file() else _folder_digest(path)
+    digest = file_digest(path) if path.is_file() else folder_digest(path)
     return f"{Path(name).name}@sha256:{digest[:16]}"
 
 

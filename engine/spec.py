@@ -8,18 +8,132 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import re
+import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
 from engine.errors import SpecError
 
 
-
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: YAML's .nan and .inf are floats, and no field of a spec means them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# --- names, files and templates ----------------------------------------------
+
+# Students and datasets name folders in the store: one safe path component each, never `.` or `..`.
+STUDENT_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+DATASET_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"  # no '.': it also names SQL views (demo_v1_examples)
+
+
+def _name(pattern: str, allowed: str):
+    def check(name: str) -> str:
+        if not re.fullmatch(pattern, name):
+            raise ValueError(f"{name[:80]!r} is not a safe folder name: {allowed}, at most 64 characters")
+        return name
+    return AfterValidator(check)
+
+
+def _finite(value: Any) -> Any:
+    """Untyped values (augment vars) hold any YAML: refuse NaN and inf inside, as allow_inf_nan does elsewhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("Input should be a finite number")
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        _finite(item)
+    return value
+
+
+def resolve(relative: str, spec_path: Path | None) -> Path:
+    """A path from the spec: as given if it exists from here, else next to the spec file."""
+    p = Path(relative).expanduser()
+    try:
+        if p.is_absolute() or p.exists() or spec_path is None:
+            return p
+        beside = spec_path.parent / p
+        return beside if beside.exists() else p
+    except OSError:  # e.g. a name too long for the OS: reading it says so
+        return p
+
+
+def _file_problem(value: str, info: ValidationInfo, what: str) -> None:
+    """With check_files (load_spec), a named file must exist: fail at validate time, not an hour into a run."""
+    context = info.context or {}
+    if not context.get("check_files"):
+        return
+    try:
+        found = resolve(value, context.get("spec_path")).is_file()
+    except OSError as e:
+        raise ValueError(f"cannot use {_short(value)} ({e.strerror})") from None
+    if not found:
+        raise ValueError(f"no such {what} {_short(value)}")
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+TEMPLATE_SUFFIXES = (".j2", ".jinja", ".jinja2")
+JINJA_MARKUP = ("{{", "{%", "{#")
+TEMPLATE_RULE = ("a template is a file (a path ending in .j2, .jinja or .jinja2, or {file: PATH}) "
+                 "or inline text ({inline: TEXT}, or a string holding {{ or {%)")
+
+
+def template_ref(value: Any) -> tuple[str, str]:
+    """The one rule of every template field: ("file", PATH) or ("inline", TEXT), never a guess.
+
+    A bare string is a file when it ends in a template suffix, inline text when it holds Jinja
+    markup (no path does); anything else is refused: it could be a mistyped path or plain text,
+    and taking a path as text would train on the path's characters.
+    """
+    if isinstance(value, dict) and len(value) == 1 and set(value) <= {"file", "inline"}:
+        [(kind, text)] = value.items()
+    elif isinstance(value, str) and value.strip().lower().endswith(TEMPLATE_SUFFIXES):
+        kind, text = "file", value
+    elif isinstance(value, str) and any(mark in value for mark in JINJA_MARKUP):
+        kind, text = "inline", value
+    else:
+        shown = _short(value) if isinstance(value, str) else repr(value)[:80]
+        raise ValueError(f"{shown} is neither: {TEMPLATE_RULE}")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{kind}: must be non-empty text")
+    return kind, text
+
+
+class TemplateText(str):
+    """Template text of a spec field; `file` names the file it was read from (None: written inline)."""
+
+    file: str | None = None
+
+
+def _template_text(value: Any, info: ValidationInfo) -> TemplateText:
+    kind, text = template_ref(value)
+    if kind == "file":  # read now: the field's users take text, and a missing file fails validate
+        path = resolve(text, (info.context or {}).get("spec_path"))
+        try:
+            content = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            if (info.context or {}).get("check_files"):
+                raise ValueError(f"no such template file {_short(text)}") from None
+            content = ""  # parse_spec without check_files (a scaffold before it writes its files): no text yet
+        except UnicodeDecodeError as e:
+            raise ValueError(f"template file {_short(text)} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise ValueError(f"cannot read template file {_short(text)} ({e.strerror})") from None
+    result = TemplateText(content if kind == "file" else text)
+    result.file = text if kind == "file" else None
+    return result
+
+
+# Every template field: its text, read from its file at load time (so a missing file fails validate).
+TemplateSource = Annotated[str, PlainValidator(_template_text)]
 
 
 # --- teacher -----------------------------------------------------------------
@@ -41,32 +155,144 @@ class Reasoning(Strict):
     answer_marker: str = Field(min_length=1)
 
 
+class Timeouts(Strict):
+    connect: float = Field(10.0, gt=0)  # seconds to open a connection
+    read: float = Field(300.0, gt=0)  # seconds to wait for one whole answer (the server may queue it)
+
+
+class Retries(Strict):
+    attempts: int = Field(5, ge=1, le=50)  # tries per request, the first one included
+    backoff: float = Field(0.5, ge=0)  # seconds before the first retry; doubles each retry (with jitter)
+    max_wait: float = Field(60.0, gt=0)  # longest wait between tries, a server's Retry-After included
+
+
+# backend: openai only; `model` is then the name the server serves.
+OPENAI_FIELDS = ("base_url", "api_key_env", "tokenizer", "max_concurrency", "timeout", "retries", "extra_body")
+# What the openai backend sets in each request from the spec itself: extra_body may not override it.
+OPENAI_REQUEST_FIELDS = ("model", "messages", "max_tokens", "temperature", "top_p", "seed", "logprobs",
+                         "top_logprobs", "n", "stream")
+
+
 class Teacher(Strict):
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "openai"] = "transformers"
     model: str = Field(min_length=1)
-    prompt: str | None = None  # Jinja2 template file over the row: what the teacher is asked
+    prompt: TemplateSource | None = None  # Jinja2 over the row: what the teacher is asked
     generation: Generation = Generation()
     logprobs: Logprobs = Logprobs()
     reasoning: Reasoning | None = None
     batch_size: int = Field(8, ge=1, le=256)
+    # backend: openai (an OpenAI-compatible chat-completions server: OpenAI, vLLM, llama.cpp)
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the variable's name, never the key
+    tokenizer: str | None = None  # the model's tokenizer here: a bundled alias, a local HF folder or a .gguf file
+    max_concurrency: int = Field(4, ge=1, le=256)
+    timeout: Timeouts = Timeouts()
+    retries: Retries = Retries()
+    # Fields added to each request as they are: a server's own options (llama.cpp: {repeat_penalty: 1.0}).
+    extra_body: Annotated[dict[str, Any], AfterValidator(_finite)] = Field(default_factory=dict)
+
+    @field_validator("extra_body")
+    @classmethod
+    def _extra_body(cls, value: dict) -> dict:
+        taken = [k for k in value if k in OPENAI_REQUEST_FIELDS]
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: set by the backend from the spec (generation, logprobs, model)")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            url = urlsplit(value)
+            url.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as e:
+            raise ValueError(f"{_short(value)} is not a URL ({e})") from None
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"{_short(value)} is not an http(s) URL such as http://127.0.0.1:8000/v1")
+        if url.username or url.password or url.query or url.fragment:
+            # The URL is recorded in lineage and error messages: a secret must come from api_key_env.
+            raise ValueError("must hold no user, password, query or fragment: give the key through api_key_env")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _backend_fields(self):
+        if self.backend == "openai":
+            missing = [f for f in ("base_url", "tokenizer") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"backend openai needs {' and '.join(missing)} (tokenizer: a bundled alias, "
+                                 "a local HF folder or a .gguf file with the served model's vocabulary)")
+        else:
+            stray = [f for f in OPENAI_FIELDS if f in self.model_fields_set]
+            if stray:
+                raise ValueError(f"{', '.join(stray)}: only for backend: openai (backend is {self.backend})")
+        return self
+
+    @property
+    def local_model(self) -> str:
+        """The model whose tokenizer (and, with backend transformers, weights) this machine holds."""
+        return self.tokenizer if self.backend == "openai" else self.model
 
 
 # --- sources -----------------------------------------------------------------
 
 
 SOURCE_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+NOT_DATASETS = "is a folder but not a datasets folder written by save_to_disk (no dataset_info.json or dataset_dict.json)"
+
+
+def datasets_layout(folder: Path) -> str | None:
+    """"dict" (DatasetDict.save_to_disk), "dataset" (Dataset.save_to_disk), or None: not such a folder."""
+    try:
+        if (folder / "dataset_dict.json").is_file():
+            return "dict"
+        if (folder / "dataset_info.json").is_file() or (folder / "state.json").is_file():
+            return "dataset"
+    except OSError:  # a name too long for the OS, no permission: not a folder we can read
+        pass
+    return None
+
+
+def datasets_split(folder: Path, split: str | None) -> str | None:
+    """The split of a datasets folder to read (None: it holds one Dataset); ValueError when `split:` does not fit."""
+    if datasets_layout(folder) != "dict":
+        if split is not None:
+            raise ValueError(f"split: {split!r} names a split, but the folder holds one Dataset, not a DatasetDict")
+        return None
+    try:
+        splits = [str(s) for s in json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"split: cannot read the splits from dataset_dict.json ({type(e).__name__})") from None
+    if split is None and len(splits) == 1:
+        return splits[0]
+    if split is None:
+        raise ValueError(f"split: required, the DatasetDict has several splits ({', '.join(splits)})")
+    if split not in splits:
+        raise ValueError(f"split: no split {split!r} (splits: {', '.join(splits)})")
+    return split
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the OS: reading it says so
+        return False
 
 
 class Source(Strict):
-    """Where prompts come from: exactly one of a file, an inline list, or a store version."""
+    """Where prompts come from: exactly one of a file, a datasets folder, an inline list, or a store version."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)  # merged with Strict's
 
-    path: str | None = None
+    path: str | None = None  # a file, or a folder written by `datasets`' save_to_disk
     inline: list[str] | None = None
     from_: str | None = Field(None, alias="from")  # NAME@V of a store version (its examples)
     where: str | None = None  # SQL condition over that version's examples
-    format: Literal["jsonl", "csv", "parquet", "text"] | None = None  # default: from the file extension
+    format: Literal["jsonl", "csv", "parquet", "text", "datasets"] | None = None  # default: from the extension
+    split: str | None = None  # the split of a DatasetDict folder to read
     text: str = "prompt"  # column holding the prompt text
     category: str | None = None  # column holding the coverage category (for inline: the category itself)
     label: str | None = None  # column holding the gold answer
@@ -74,8 +300,22 @@ class Source(Strict):
     max_chars: int = Field(8000, ge=1)  # longer prompts are malformed rows
     limit: int | None = Field(None, ge=1)  # read only the first N good rows (a sample)
 
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: str | None, info: ValidationInfo) -> str | None:
+        context = info.context or {}
+        if path is None or not context.get("check_files"):
+            return path
+        folder = resolve(path, context.get("spec_path"))
+        if datasets_layout(folder):
+            return path
+        if _is_folder(folder) and Path(path).suffix.lower() not in SOURCE_FORMATS:
+            raise ValueError(f"{path} {NOT_DATASETS}")
+        _file_problem(path, info, "file" if Path(path).suffix.lower() in SOURCE_FORMATS else "file or folder")
+        return path
+
     @model_validator(mode="after")
-    def _one_origin(self) -> "Source":
+    def _one_origin(self, info: ValidationInfo) -> "Source":
         origins = [k for k, v in (("path", self.path), ("inline", self.inline), ("from", self.from_)) if v is not None]
         if len(origins) != 1:
             raise ValueError(f"a source needs exactly one of path, inline, from (got {', '.join(origins) or 'none'})")
@@ -83,8 +323,16 @@ class Source(Strict):
             raise ValueError("where applies only to a `from: NAME@V` source")
         if self.label and (self.inline is not None or self.source_format == "text"):
             raise ValueError("label needs a column; inline and text sources have none")
-        if self.path is not None and self.source_format is None:
-            raise ValueError(f"cannot tell the format of {self.path!r} from its extension; set format: jsonl, csv, parquet or text")
+        if self.split is not None and self.source_format != "datasets":
+            raise ValueError("split applies only to a datasets folder (a DatasetDict written by save_to_disk)")
+        context = info.context or {}
+        if self.path is not None and self.source_format == "datasets":
+            folder = resolve(self.path, context.get("spec_path"))
+            if self.format is None and not _is_folder(folder):  # only a folder may go without a known extension
+                raise ValueError(f"cannot tell the format of {self.path!r} from its extension; "
+                                 "set format: jsonl, csv, parquet, text or datasets")
+            if context.get("check_files"):
+                datasets_split(folder, self.split)  # fail at validate time: a missing or unknown split
         return self
 
     @property
@@ -93,7 +341,8 @@ class Source(Strict):
             return self.format
         if self.path is None:
             return None
-        return SOURCE_FORMATS.get(Path(self.path).suffix.lower())
+        # A path without an extension we know names a folder written by `datasets`: _one_origin checks it is one.
+        return SOURCE_FORMATS.get(Path(self.path).suffix.lower(), "datasets")
 
     @property
     def origin(self) -> str:
@@ -148,9 +397,9 @@ class Coverage(Strict):
 
 
 class Augment(Strict):
-    template: str = Field(min_length=1)  # Jinja2 file: renders a new prompt (or, with teacher, the rewrite request)
+    template: TemplateSource  # Jinja2: renders a new prompt (or, with teacher, the rewrite request)
     categories: list[str] | None = None  # default: every category
-    vars: dict[str, list] = {}  # expanded as a grid ...
+    vars: dict[str, list[Annotated[Any, AfterValidator(_finite)]]] = {}  # expanded as a grid ...
     sample: int | None = Field(None, ge=1)  # ... or this many combinations per prompt, seeded
     seed: int = 0
     teacher: bool = False  # ask the teacher to write the variation from the rendered template
@@ -188,6 +437,7 @@ class Mining(Strict):
     band: tuple[float, float] = (0.0, 1.0)
     outside_band_keep: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = 0
+    truncated: Literal["keep", "drop"] = "keep"  # answers cut off at max_new_tokens (finish_reason "length")
 
     @field_validator("band")
     @classmethod
@@ -199,10 +449,13 @@ class Mining(Strict):
 
 
 class Splits(Strict):
+    """Drawn right after dedup, before the teacher answers: mining and quotas never shape the test split."""
+
     train: float = Field(0.8, ge=0.0, le=1.0)
     val: float = Field(0.1, ge=0.0, le=1.0)
     test: float = Field(0.1, ge=0.0, le=1.0)
-    group_by: Literal["prompt_id", "parent_id"] = "prompt_id"
+    # parent_id: a variation lands in its original's split, so no rewording of a test prompt is trained on.
+    group_by: Literal["prompt_id", "parent_id"] = "parent_id"
     seed: int = 0
 
     @model_validator(mode="after")
@@ -217,14 +470,49 @@ class Splits(Strict):
 
 
 class FromTeacher(Strict):
-    layers: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    """The teacher, compressed: every part optional (none: a copy of the teacher).
+
+    layers: those decoder layers in that order; keep_layers: the N most influential ones
+    (block influence on the calibration sample). Widths keep the units with the largest
+    activations there (engine/train/prune.py); teacher-dependent checks run at build time.
+    """
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    keep_layers: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
+    kv_heads: int | None = Field(None, ge=1)
+    calibration: int = Field(64, ge=1)  # train sequences that measure importance
 
     @field_validator("layers")
     @classmethod
-    def _distinct(cls, layers: list[int]) -> list[int]:
-        if len(set(layers)) != len(layers):
+    def _distinct(cls, layers: list[int] | None) -> list[int] | None:
+        if layers is not None and len(set(layers)) != len(layers):
             raise ValueError("layers must be distinct")
         return layers
+
+    @field_validator("keep_layers")
+    @classmethod
+    def _one_depth(cls, keep: int | None, info: ValidationInfo) -> int | None:
+        if keep is not None and info.data.get("layers") is not None:
+            raise ValueError("give layers or keep_layers, not both")
+        return keep
+
+    @field_validator("kv_heads")
+    @classmethod
+    def _groups_divide(cls, kv: int | None, info: ValidationInfo) -> int | None:
+        heads = info.data.get("heads")
+        if kv is not None and heads is not None and heads % kv:
+            raise ValueError(f"heads {heads} is not divisible by kv_heads {kv}")
+        return kv
+
+    @property
+    def prunes_width(self) -> bool:
+        return any(v is not None for v in (self.hidden_size, self.intermediate_size, self.heads, self.kv_heads))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.keep_layers is not None or self.prunes_width
 
 
 class StudentConfig(Strict):
@@ -244,7 +532,7 @@ class StudentConfig(Strict):
 
 
 class Student(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Annotated[str, _name(STUDENT_NAME, "a letter or digit, then letters, digits, '.', '_' or '-'")]
     from_teacher: FromTeacher | None = None
     config: StudentConfig | None = None
     model: str | None = None
@@ -262,15 +550,24 @@ class Student(Strict):
 
 
 class Loss(Strict):
+    # D(teacher top-k + tail || student), see engine/train/losses.py; jsd takes `beta` (TRL's GKD convention).
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    tail: Literal["bucket", "renormalise"] = "bucket"
     kd_weight: float = Field(0.7, ge=0.0)
     hard_weight: float = Field(0.3, ge=0.0)
     temperature: float = Field(2.0, gt=0.0)
-    tail: Literal["bucket"] = "bucket"
+    # Schedules over optimizer steps: T goes linearly from temperature to temperature_end by the
+    # last step; the hard weight ramps linearly from 0 to hard_weight over hard_warmup_steps.
+    temperature_end: float | None = Field(None, gt=0.0)
+    hard_warmup_steps: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _some_weight(self) -> "Loss":
         if self.kd_weight + self.hard_weight <= 0:
             raise ValueError("kd_weight + hard_weight must be positive")
+        if "beta" in self.model_fields_set and self.divergence != "jsd":
+            raise ValueError(f"beta applies to divergence: jsd only (divergence is {self.divergence})")
         return self
 
 
@@ -279,27 +576,57 @@ class Optimizer(Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     layerwise_lr_decay: float = Field(1.0, gt=0.0, le=1.0)
     warmup_steps: int = Field(0, ge=0)
+    # After the linear warm-up: linear decay towards 0, constant, or cosine decay towards 0.
+    schedule: Literal["linear", "constant", "cosine"] = "linear"
+    clip_grad_norm: float | None = Field(1.0, gt=0.0)  # null: no clipping
+
+
+class EarlyStopping(Strict):
+    patience: int = Field(ge=1)  # epochs without a lower val loss before a student stops
 
 
 class Training(Strict):
-    student_prompt: str | None = None  # Jinja2 over the row: what the student sees
+    student_prompt: TemplateSource | None = None  # Jinja2 over the row: what the student sees
     loss: Loss = Loss()
     optimizer: Optimizer = Optimizer()
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
     max_steps: int | None = Field(None, ge=1)  # stop early: for smoke runs and tests
+    grad_accum: int = Field(1, ge=1)  # micro-batches of batch_size per optimizer step
+    early_stopping: EarlyStopping | None = None  # on the val loss, checked after every epoch
+    keep: Literal["last", "best"] | None = None  # saved weights; default best with early_stopping, else last
     seed: int = 0
+    # Train each student once per seed (each replaces `seed`); eval reports mean and min–max over them.
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be distinct")
+        return seeds
 
 
 class Eval(Strict):
     split: Literal["train", "val", "test"] = "test"
+    # Labelled sets reported beside the split, as written: never deduplicated, mined or selected.
+    sources: list[Source] = []
     max_new_tokens: int | None = Field(None, ge=1)  # default: the teacher's max_new_tokens
     speed_prompts: int = Field(3, ge=1)  # prompts timed for batch-1 decode speed
     speed_tokens: int = Field(32, ge=1)  # tokens decoded per timed prompt
 
+    @field_validator("sources")
+    @classmethod
+    def _labelled(cls, sources: list[Source]) -> list[Source]:
+        bare = [str(i) for i, src in enumerate(sources) if not src.label]
+        if bare:
+            raise ValueError(f"{'item' if len(bare) == 1 else 'items'} {', '.join(bare)} without `label:`; "
+                             "an eval source needs the column of gold answers it is scored against")
+        return sources
+
 
 class Spec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    name: Annotated[str, _name(DATASET_NAME, "a letter or digit, then letters, digits, '_' or '-'")]
     teacher: Teacher
     sources: list[Source] = Field(min_length=1)
     coverage: Coverage | None = None
@@ -343,46 +670,73 @@ class Spec(Strict):
 
     def resolve_path(self, relative: str) -> Path:
         """A path from the spec: as given if it exists from here, else next to the spec file."""
-        p = Path(relative).expanduser()
-        if p.is_absolute() or p.exists() or self.path is None:
-            return p
-        beside = self.path.parent / p
-        return beside if beside.exists() else p
+        return resolve(relative, self.path)
 
 
 def _field_path(loc: tuple) -> str:
     parts: list[str] = []
     for item in loc:
-        if isinstance(item, int):
-            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
-        elif item in ("function-after", "function-before") or str(item).startswith("function-"):
-            continue
-        else:
+        if isinstance(item, int) and parts:
+            parts[-1] = f"{parts[-1]}[{item}]"
+        elif not str(item).startswith("function-"):
             parts.append(str(item))
-    return ".".join(parts) or "(top level)"
+    return ".".join(parts)
 
 
-def _message(err: dict) -> str:
-    msg = err["msg"]
+def _problem(where: str, err: dict) -> str:
+    """One pydantic error as one line: file, field path, message."""
+    loc, msg = err["loc"], err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        return "unknown key"
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    return msg
+        msg = "unknown key"
+    elif err["type"] == "invalid_key" or loc[-1:] == ("[key]",):  # a mapping key, e.g. `1: 2` in YAML
+        loc = loc[:-2] if loc[-1:] == ("[key]",) else loc[:-1]
+        msg = f"key {err['input']!r} is not a string"
+    field = _field_path(loc)
+    return " ".join(f"{where}: {field + ': ' if field else ''}{msg}".split())  # one line, whatever the input held
 
 
-def parse_spec(data: object, *, path: Path | None = None, text: str = "") -> Spec:
+def parse_spec(data: object, *, path: Path | None = None, text: str = "", check_files: bool = False) -> Spec:
+    """A Spec from parsed YAML; every problem at once, one line each (SpecError.lines).
+
+    check_files: files the spec names must exist (load_spec; a scaffold checks before writing them).
+    """
     where = str(path) if path else "<spec>"
     if not isinstance(data, dict):
         raise SpecError(f"{where}: the spec must be a mapping of keys to values")
     try:
-        spec = Spec.model_validate(data)
+        spec = Spec.model_validate(data, context={"spec_path": path, "check_files": check_files})
     except ValidationError as e:
-        err = e.errors()[0]
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        field = f"{_field_path(err['loc'])}: " if err["loc"] else ""
-        raise SpecError(f"{where}: {field}{_message(err)}{more}") from None
+        raise SpecError("\n".join(dict.fromkeys(_problem(where, err) for err in e.errors()))) from None
     return spec.model_copy(update={"path": path, "text": text})
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing what it lets through silently or with a traceback."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden: that is what it is for
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in first_line:  # the last one would silently win
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first_line[key]})", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+            except TypeError:
+                pass  # an unhashable key: SafeLoader says so
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # over Python's int-string limit, raised without a line
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer over {sys.get_int_max_str_digits()} digits", node.start_mark) from None
+
+
+_SpecLoader.add_constructor("tag:yaml.org,2002:int", _SpecLoader.construct_yaml_int)
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -393,26 +747,15 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(f"{path}: no such spec file") from None
     except UnicodeDecodeError as e:
         raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # a folder, a name too long for the OS, no permission
+        raise SpecError(f"{path}: cannot read the spec ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SpecError(f"{path}:{line} invalid YAML: {problem}") from None
-    spec = parse_spec(data, path=path, text=text)
-    _check_files(spec)
-    return spec
-
-
-def _check_files(spec: Spec) -> None:
-    """Files the spec names must exist: fail at validate time, not an hour into a run."""
-    where = spec.path
-    if spec.teacher.prompt and not spec.resolve_path(spec.teacher.prompt).is_file():
-        raise SpecError(f"{where}: teacher.prompt: no such template file {spec.teacher.prompt!r}")
-    for i, src in enumerate(spec.sources):
-        if src.path is not None and not spec.resolve_path(src.path).is_file():
-            raise SpecError(f"{where}: sources[{i}].path: no such file {src.path!r}")
-    for i, aug in enumerate(spec.augment):
-        if not spec.resolve_path(aug.template).is_file():
-            raise SpecError(f"{where}: augment[{i}].template: no such template file {aug.template!r}")
+    except RecursionError:
+        raise SpecError(f"{path}: invalid YAML: nested too deeply") from None
+    return parse_spec(data, path=path, text=text, check_files=True)

@@ -19,7 +19,7 @@ from .catalog import (TAG, Catalog, CommitResult, FileRow, TableRow, VersionInfo
 from .errors import CorruptData, StoreError
 from .integrity import Checker
 from .layout import KEY, SCHEME, HashCache, Segment, file_schema, plan_table, read_frame, table_digest
-from .sql import run_sql
+from .sql import MEMORY_LIMIT, TIMEOUT_S, run_sql
 
 # Dataset names become directory names (same rule as a spec's `name`); table names become SQL views.
 _DATASET = re.compile(r"[A-Za-z0-9_-]+")
@@ -147,7 +147,9 @@ class Store:
         latest = self._latest(dataset)
         if tag in (None, "latest"):
             version = latest
-        elif tag.isdigit():
+        elif tag.isascii() and tag.isdigit():  # str.isdigit() alone takes '²', which int() refuses
+            if len(tag) > 18:  # past SQLite's 64-bit integers (and Python's int-string limit)
+                raise StoreError(f"dataset '{dataset}' has no version {tag[:40]} (latest is {latest})")
             version = int(tag)
         else:
             version = self.catalog.tag_version(dataset, tag)
@@ -229,9 +231,11 @@ class Store:
         """`read`, as an Arrow table."""
         return self.read(ref, table, columns).to_arrow()
 
-    def sql(self, query: str, at: str | None = None) -> pa.Table:
+    def sql(self, query: str, at: str | None = None, *, timeout: float | None = TIMEOUT_S,
+            memory_limit: str | None = MEMORY_LIMIT) -> pa.Table:
         """Run read-only SQL. With `at`, the version's tables (and `tokens`) are views; any version is
-        also reachable as `<dataset>_v<N>_<table>`, `<dataset>_latest_<table>`, `<dataset>_<tag>_<table>`."""
+        also reachable as `<dataset>_v<N>_<table>`, `<dataset>_latest_<table>`, `<dataset>_<tag>_<table>`.
+        `timeout` in seconds (None: no limit), `memory_limit` as DuckDB reads it ('4GB', '50%')."""
         views: dict[str, list[Segment]] = {}
         checked: list[VersionInfo] = []
         if at:
@@ -245,7 +249,7 @@ class Store:
         for info in checked:
             self._check(info)
         extra = {"syllabus_versions": self._versions_table()} if "syllabus_versions" in query.lower() else None
-        return run_sql(query, views, extra)
+        return run_sql(query, views, extra, timeout=timeout, memory_limit=memory_limit)
 
     def _mentioned_versions(self, query: str) -> list[tuple[str, VersionInfo]]:
         text = query.lower()
@@ -310,17 +314,21 @@ class Store:
                 rel = path.relative_to(self.root).as_posix()
                 if rel in referenced:
                     continue
-                if path.name.endswith(".tmp") and now - path.stat().st_mtime < 60:
-                    continue  # a live writer's link in flight
+                if path.name.endswith(".tmp") and now - _mtime(path) < 60:
+                    continue  # a live writer's link in flight (or renamed into place since we listed it)
                 report.add(path, "unreferenced data file")
             if not dry_run:
                 for item in report.items:
                     files.remove(item.path)
                 self.checker.forget([str(i.path) for i in report.items])
+                rows = self.root / "cache" / "store" / "rows"
                 live = {Path(p).stem for p in referenced}
-                for sidecar in (self.root / "cache" / "store" / "rows").glob("*.u64"):
+                for sidecar in rows.glob("*.u64"):
                     if sidecar.name.split(".")[0] not in live:
                         sidecar.unlink(missing_ok=True)
+                for tmp in rows.glob(".*.tmp"):  # a row-hash write killed before its rename
+                    if now - _mtime(tmp) >= 60:
+                        tmp.unlink(missing_ok=True)
         return report
 
     def verify(self, progress=None) -> "VerifyReport":
@@ -391,9 +399,10 @@ class Version:
     def to_arrow(self, table: str = "examples", columns: list[str] | None = None) -> pa.Table:
         return self.store.read_arrow(self.info, table, columns)
 
-    def sql(self, query: str) -> pl.DataFrame:
-        """SQL with this version's tables as views (examples, tokens, rejections); a polars DataFrame."""
-        return pl.from_arrow(self.store.sql(query, at=self.ref))
+    def sql(self, query: str, **limits) -> pl.DataFrame:
+        """SQL with this version's tables as views (examples, tokens, rejections); a polars DataFrame.
+        `limits`: timeout, memory_limit, as for Store.sql."""
+        return pl.from_arrow(self.store.sql(query, at=self.ref, **limits))
 
     def diff(self, other: str | "Version", **kwargs):
         return self.store.diff(self.ref, other.ref if isinstance(other, Version) else other, **kwargs)
@@ -436,6 +445,14 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems and self.catalog == "ok"
+
+
+def _mtime(path: Path) -> float:
+    """A path's mtime; a path gone meanwhile (renamed or removed by its writer) counts as brand new."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def _size(path: Path) -> int:

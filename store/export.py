@@ -1,7 +1,16 @@
 """Export a version: JSONL chat messages (what TRL and fine-tuning services read), Parquet, or a
 Hugging Face `datasets` folder (save_to_disk; `datasets.load_from_disk` opens it).
 
+An examples table (one with a `response` column) goes out as chat: `messages` = [system?, user,
+assistant: response]. The user turn is a column (`prompt` by default) or texts a caller computes from
+the rows: the store knows nothing of specs, so the engine renders what its students read and passes
+that in. jsonl and hf hold `messages` (plus the META columns with meta=True); parquet holds every
+column, token ids and top-k included, plus `messages`. A table without `response` (rejections)
+goes out as it is in parquet and hf, and jsonl refuses it.
+
 Outputs appear whole or not at all: written beside the target under a temporary name, then renamed.
+The target may not lie inside the store (nor hold it), and replaces an existing file or `hf`
+folder only with force=True.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import polars as pl
 import pyarrow as pa
@@ -19,6 +29,12 @@ import pyarrow as pa
 from .errors import StoreError
 
 FORMATS = ("jsonl", "parquet", "hf")
+# Beside `messages` with meta=True, those the table has, in this order (conf_* in table order).
+META = ("prompt_id", "category", "split", "label", "conf_*", "finish_reason")
+
+# The user turn: a column of the table, or a function from the exported rows (their non-list
+# columns, in export order) to one text per row.
+UserTurn = str | Callable[[pl.DataFrame], Sequence[str]]
 
 
 @dataclass
@@ -30,65 +46,98 @@ class ExportResult:
 
 
 def export(store, ref: str, fmt: str, out: Path, *, table: str = "examples", split: str | None = None,
-           system: str | None = None) -> ExportResult:
+           user: UserTurn = "prompt", system: str | None = None, meta: bool = False,
+           force: bool = False) -> ExportResult:
     if fmt not in FORMATS:
         raise StoreError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
     info = store.resolve(ref)
-    out = Path(out)
-    if out.exists() and (out.is_dir() and any(out.iterdir())):
-        raise StoreError(f"{out} exists and is not empty: choose another --out or remove it")
-    if fmt == "jsonl":
-        for column in ("prompt", "response"):
-            if column not in _columns(store, info, table):
+    out = Path(out).expanduser()
+    _check_target(Path(store.root), out, force)
+    schema = _schema(info, table)
+    chat = "response" in schema
+    if chat or fmt == "jsonl":
+        for column in ([user] if isinstance(user, str) else []) + ["response"]:
+            if column not in schema:
                 raise StoreError(f"{info.ref}:{table} has no '{column}' column for chat messages")
-    if split is not None and "split" not in _columns(store, info, table):
+    if split is not None and "split" not in schema:
         raise StoreError(f"{info.ref}:{table} has no 'split' column to filter by")
+    scalar = [c for c, t in schema.items() if not t.is_nested()]  # token lists are no user turn's business
+    # jsonl and hf carry only the chat (and meta): the token lists, most of the bytes, stay unread.
+    frame = store.read(info, table, columns=None if fmt == "parquet" or not chat else scalar)
+    if split is not None:
+        frame = frame.filter(pl.col("split") == split)
+    if chat:
+        messages = _messages(frame.select(scalar), user, system)
+        frame = frame.with_columns(messages) if fmt == "parquet" else pl.DataFrame(
+            [messages, *(frame[c] for c in _meta_columns(scalar) if meta)])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
     try:
         if fmt == "jsonl":
-            rows = _jsonl(store, info, table, split, system, tmp)
+            _jsonl(frame, tmp)
+        elif fmt == "parquet":
+            frame.write_parquet(tmp, compression="zstd")
         else:
-            frame = store.read(info, table)
-            if split is not None:
-                frame = frame.filter(pl.col("split") == split)
-            rows = frame.height
-            if fmt == "parquet":
-                frame.write_parquet(tmp, compression="zstd")
-            else:
-                _hf(frame, tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            _hf(frame, tmp)
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
-    return ExportResult(info.ref, fmt, out, rows)
+    return ExportResult(info.ref, fmt, out, frame.height)
 
 
-def _columns(store, info, table: str) -> list[str]:
-    from .layout import file_schema
+def _check_target(root: Path, out: Path, force: bool) -> None:
+    # Resolved, so that a symlink or `..` cannot lead into the store; a target holding the store
+    # (`--out .`) is refused too, as --force would replace the folder the store lives in.
+    target, root = out.resolve(), root.resolve()
+    if target == root or root in target.parents or target in root.parents:
+        raise StoreError(f"--out {out} is inside the store folder or holds it: export elsewhere")
+    if not (out.exists() or out.is_symlink()):
+        return
+    full = out.is_dir() and not out.is_symlink() and any(out.iterdir())
+    if not force:
+        raise StoreError(f"--out {out} exists{' and is not empty' if full else ''}:"
+                         " choose another path, or --force to replace it")
+    if full and not (out / "dataset_info.json").exists():  # --force never deletes a folder of the user's
+        raise StoreError(f"--out {out} is a folder but not an hf export: not replacing it, even with --force")
+
+
+def _schema(info, table: str) -> dict[str, pl.DataType]:
     if table not in info.segments:
         raise StoreError(f"{info.ref} has no table '{table}' (tables: {', '.join(sorted(info.segments))})")
-    return [c.split(":")[0] for c in file_schema(info.segments[table][0].path).split(";")]
+    return dict(pl.read_parquet_schema(info.segments[table][0].path))
 
 
-def _jsonl(store, info, table, split, system, path: Path) -> int:
-    """One line per example: {"messages": [system?, user: prompt, assistant: response]}, in prompt_id order."""
-    rows = 0
-    frame = store.read(info, table, columns=[c for c in ("prompt_id", "split", "prompt", "response")
-                                             if c in _columns(store, info, table)])
-    if split is not None:
-        frame = frame.filter(pl.col("split") == split)
+def _meta_columns(columns: list[str]) -> list[str]:
+    return [c for m in META for c in columns if (c.startswith("conf_") if m == "conf_*" else c == m)]
+
+
+def _messages(rows: pl.DataFrame, user: UserTurn, system: str | None) -> pl.Series:
+    """[system?, user, assistant] per row, as list<struct<role, content>>."""
+    if isinstance(user, str):
+        texts = rows[user]
+    else:
+        texts = pl.Series(list(user(rows)), dtype=pl.String)
+        if len(texts) != rows.height:
+            raise StoreError(f"the user turn gave {len(texts)} texts for {rows.height} rows")
+
+    def turn(role: str, content: pl.Expr) -> pl.Expr:
+        return pl.struct(pl.lit(role).alias("role"), content.cast(pl.String).alias("content"))
+    turns = ([turn("system", pl.lit(system))] if system else []) + [
+        turn("user", pl.lit(texts)), turn("assistant", pl.col("response"))]
+    return rows.select(pl.concat_list(turns).alias("messages"))["messages"]
+
+
+def _jsonl(frame: pl.DataFrame, path: Path) -> None:
+    """One line per example: {"messages": [...], meta...}, in prompt_id order."""
+    frame = frame.with_columns(pl.col(pl.Float32, pl.Float64).fill_nan(None))  # NaN is not JSON: null
     with open(path, "w", encoding="utf-8") as f:
-        for prompt, response in zip(frame["prompt"].to_list(), frame["response"].to_list()):
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-            rows += 1
+        for row in frame.iter_rows(named=True):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    return rows
 
 
 def _hf(frame: pl.DataFrame, path: Path) -> None:
@@ -103,11 +152,13 @@ def _hf(frame: pl.DataFrame, path: Path) -> None:
 def _plain_types(table: pa.Table) -> pa.Table:
     """large_string / large_list (polars' Arrow) -> string / list, the types `datasets` features map to."""
     def plain(t: pa.DataType) -> pa.DataType:
-        if pa.types.is_large_string(t):
+        if pa.types.is_large_string(t) or pa.types.is_string_view(t):
             return pa.string()
         if pa.types.is_large_binary(t):
             return pa.binary()
         if pa.types.is_large_list(t) or pa.types.is_list(t):
             return pa.list_(plain(t.value_type))
+        if pa.types.is_struct(t):
+            return pa.struct([pa.field(f.name, plain(f.type), f.nullable) for f in t])
         return t
     return table.cast(pa.schema([pa.field(f.name, plain(f.type), f.nullable) for f in table.schema]))

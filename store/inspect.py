@@ -22,8 +22,28 @@ class Summary:
     measure: str | None
     histogram: list[tuple[float, float, int]] = field(default_factory=list)
     rejections: pl.DataFrame | None = None
+    cut_off: pl.DataFrame | None = None  # per category: answers that hit max_new_tokens (finish_reason "length")
     files: dict[str, dict] = field(default_factory=dict)   # table -> files, bytes, shared files/bytes
     models: list[dict] = field(default_factory=list)
+    test_split: str | None = None  # how the test split was drawn, from the version's stage stats
+
+
+def describe_test_split(stats: dict) -> str | None:
+    """How a version's test split was drawn, said from its lineage stats (None: no split stage ran).
+
+    A split stage that records `drawn_by` drew the split before the teacher answered; the
+    stages that record `test_untouched` passed the test rows through without deciding on them.
+    """
+    split = stats.get("split") if isinstance(stats, dict) else None
+    if not isinstance(split, dict):
+        return None
+    drawn_by = split.get("drawn_by")
+    if not drawn_by:
+        return ("test split: drawn last, from the rows every earlier stage kept (mining and selection included), "
+                "so the teacher's confidence chose them")
+    untouched = sorted(name for name, st in stats.items() if isinstance(st, dict) and "test_untouched" in st)
+    passed = f"; {', '.join(untouched)} passed its rows through untouched" if untouched else ""
+    return f"test split: drawn by {drawn_by} before the teacher answered{passed} (never filtered by the teacher's confidence)"
 
 
 def summary(store, ref: str, measure: str | None = None, bins: int = 10) -> Summary:
@@ -37,6 +57,7 @@ def summary(store, ref: str, measure: str | None = None, bins: int = 10) -> Summ
         by = pl.from_arrow(store.sql(f"SELECT {', '.join(group)}, count(*) AS n FROM examples GROUP BY ALL ORDER BY ALL", at=at))
     column = _measure_column(ex, measure)
     out = Summary(info, by, column)
+    out.test_split = describe_test_split(info.stats)
     if column:
         name = column.removeprefix("conf_")
         if name in PROBABILITY:
@@ -51,6 +72,9 @@ def summary(store, ref: str, measure: str | None = None, bins: int = 10) -> Summ
                 f" WHERE {column} IS NOT NULL GROUP BY b", at=at).to_pydict()
             counts = dict(zip(hist["b"], hist["n"]))
             out.histogram = [(lo + i * width, lo + (i + 1) * width, int(counts.get(i, 0))) for i in range(bins)]
+    if "finish_reason" in ex:
+        out.cut_off = cut_off_shares(pl.from_arrow(store.sql(
+            f"SELECT {'category' if 'category' in ex else 'NULL AS category'}, finish_reason FROM examples", at=at)))
     rej = cols.get("rejections", [])
     if "stage" in rej:
         # Reasons carry numbers and ids ("cos 0.953", "keeps 30 of 68"): count them by kind, with an example.
@@ -71,6 +95,19 @@ def summary(store, ref: str, measure: str | None = None, bins: int = 10) -> Summ
         }
     out.models = store.models(info.dataset, info.version)
     return out
+
+
+# A share of cut-off answers above this is worth a warning: students learn to stop mid-sentence.
+CUT_OFF_WARN = 0.05
+
+
+def cut_off_shares(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per category (and `all`): examples, answers cut off at max_new_tokens, and their share."""
+    rows = frame.select(category=pl.col("category").fill_null("(none)"), cut=pl.col("finish_reason") == "length")
+    per = rows.group_by("category").agg(examples=pl.len(), cut_off=pl.col("cut").sum()).sort("category")
+    total = pl.DataFrame({"category": ["all"], "examples": [rows.height], "cut_off": [int(rows["cut"].sum())]})
+    both = pl.concat([per, total], how="vertical_relaxed")
+    return both.with_columns(share=(pl.col("cut_off") / pl.col("examples")).fill_nan(0.0).round(3))
 
 
 # The numbers, long hex ids and quoted names inside a rejection reason (RE2 and Python alike).

@@ -101,3 +101,77 @@ def make_examples(model_dir, *, prompts=TINY_PROMPTS, top_k: int = 8, max_new_to
 def tiny_examples(tiny_llm_dir) -> pl.DataFrame:
     """16 examples answered by the tiny model (the teacher of these tests), top-8 log-probs stored."""
     return make_examples(tiny_llm_dir)
+
+
+# --- a real OpenAI-compatible server, for the openai teacher backend -------------------------
+
+LLAMA_SERVER_MODEL = "smollm2-135m-instruct"  # the name it serves the bundled GGUF under
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """Base URL (http://127.0.0.1:PORT/v1) of llama-cpp-python's server on the bundled SmolLM2 GGUF.
+
+    No --chat_format: the server then uses the GGUF's own chat template, which is the tokenizer's
+    (default system prompt included), so the teacher reads exactly what chat_prompt_ids gives the
+    student; `--chat_format chatml` would drop that system prompt. Its log is server.log under the
+    fixture's tmp folder. Without llama_cpp installed the tests skip here and fail under CI=true.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx2
+
+    try:
+        import llama_cpp.server.app  # noqa: F401 - the server and its own dependencies (fastapi, uvicorn...)
+    except ImportError as e:
+        message = (f"llama-cpp-python's server cannot be imported ({e}): run `make llama-server` "
+                   "(it builds once per machine, about 6 minutes)")
+        if _ci():
+            pytest.fail(f"{message}; CI must run the real-server tests of the openai backend", pytrace=False)
+        pytest.skip(message)
+    from engine.models import locate
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(locate(LLAMA_SERVER_MODEL)),
+               "--model_alias", LLAMA_SERVER_MODEL, "--host", "127.0.0.1", "--port", str(port),
+               # One thread: on a shared 2-core machine a 2-thread llama.cpp stalls at every barrier
+               # (measured here: 3.5 s a token instead of 0.03 s).
+               "--n_ctx", "1024", "--n_threads", "1", "--n_threads_batch", "1"]
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def tail() -> str:
+        return log_path.read_text(errors="replace")[-2000:]
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited with {server.returncode}:\n{tail()}", pytrace=False)
+            try:
+                if httpx2.get(f"{url}/models", timeout=5).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server did not answer on {url} within 180 s:\n{tail()}", pytrace=False)
+            time.sleep(0.25)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -262,3 +262,12 @@ def test_top_up_teacher_failures_do_not_spend_the_turn(tmp_path, monkeypatch):
     ctx = context(tmp_path, [{"template": "ask.j2", "teacher": True}], {"ask.j2": "Rewrite: {{ prompt }} {{ round }}"})
     new = top_up(originals(["A?", "B?"]), "x", 5, 1, set(), ctx)
     assert new["prompt"].to_list() == ["B, again?"]
+
+
+def test_a_variation_whose_template_cannot_render_is_a_bad_row_naming_template_and_line(tmp_path):
+    ctx = context(tmp_path, [{"template": "big.j2"}], {"big.j2": "Say:\n{{ prompt * (10**6 if 'huge' in prompt else 1) }}"})
+    kept, dropped, stats = Augment().run(originals(["a small one", "a huge one"]), ctx)
+    assert kept["prompt"].to_list() == ["a small one", "Say:\na small one", "a huge one"]
+    assert dropped["parent_id"].to_list() == [prompt_id("a huge one")]
+    assert dropped["reason"][0].startswith(f"{tmp_path / 'big.j2'}: line 2: '*' would make")
+    assert stats["variations"] == 1

@@ -10,10 +10,11 @@ import pytest
 
 import engine.stages.dedup as dedup_module
 import store as store_api
+from engine.errors import StageError
 from engine.spec import Dedup as DedupSpec
 from engine.spec import Embed as EmbedSpec
 from engine.spec import SemanticDedup
-from engine.stages.base import REJECTION_SCHEMA, RunContext, StageError
+from engine.stages.base import REJECTION_SCHEMA, RunContext
 from engine.stages.dedup import Dedup, dedup_text, greedy_keep, winner_order
 from engine.stages.embed import with_embeddings
 

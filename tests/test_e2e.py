@@ -5,6 +5,7 @@ every test below reads what that run left in the store.
 """
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +20,25 @@ from engine.train import runs as training
 from engine.cli import app
 from engine.models import chat_prompt_ids, load_causal_lm
 from engine.spec import load_spec
+from engine.teachers.answers import normalise_answer, split_answer
+from engine.stages.split import assign_split
+from engine.train.evaluate import generate_texts, wilson
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 N_ROWS = 16
+N_EVAL = 5  # rows of the external eval set (plus one duplicate)
 
 
 @pytest.fixture(scope="session")
 def e2e(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
-    lines = (ROOT / "specs/data/demo.jsonl").read_text().splitlines()[:N_ROWS]
+    all_lines = (ROOT / "specs/data/demo.jsonl").read_text().splitlines()
+    lines = all_lines[:N_ROWS]
     (work / "reviews.jsonl").write_text("\n".join(lines) + "\n")
+    # An external labelled eval set, as written: other reviews, one of them twice.
+    held_out = all_lines[-N_EVAL:]
+    (work / "held_out.jsonl").write_text("\n".join(held_out + held_out[:1]) + "\n")
     spec = yaml.safe_load((ROOT / "specs/demo.yaml").read_text())
     spec["sources"][0]["path"] = str(work / "reviews.jsonl")
     spec["teacher"]["prompt"] = str(ROOT / spec["teacher"]["prompt"])
@@ -38,13 +47,15 @@ def e2e(tmp_path_factory):
         spec.pop(curation, None)
     spec["dedup"] = {"exact": True}
     # A band that the real scores straddle, so mining both keeps and drops.
-    spec["mining"] = {"confidence": "mean_token_prob", "band": [0.45, 1.0], "outside_band_keep": 0.5, "seed": 1}
+    spec["mining"] = {"confidence": "mean_token_prob", "band": [0.62, 1.0], "outside_band_keep": 0.5, "seed": 1}
     spec["splits"] = {"train": 0.5, "val": 0.0, "test": 0.5, "seed": 1}
     spec["students"] = [{"name": "drop2", "from_teacher": {"layers": [0, 29]}},
                         {"name": "tiny", "config": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}}]
     spec["training"].update(epochs=3, batch_size=4, max_steps=None)
     spec["training"]["optimizer"].update(lr=1e-3, warmup_steps=0)
-    spec["eval"] = {"split": "test", "speed_prompts": 1, "speed_tokens": 4}
+    spec["eval"] = {"split": "test", "speed_prompts": 1, "speed_tokens": 4,
+                    "sources": [{"path": str(work / "held_out.jsonl"), "text": "review", "category": "category",
+                                 "label": "answer"}]}
     spec_path = work / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     st = store.open(work / "store")
@@ -97,15 +108,23 @@ def test_stored_tokens_are_what_the_teacher_generated(e2e):
 
 
 def test_band_mining_keeps_band_plus_share_and_rejects_rest(e2e):
+    """Mining decides over train and val; the test split, drawn before the teacher answered, keeps every row."""
     st = e2e["store"]
     examples = st.read("demo@latest", "examples")
     rejected = st.read("demo@latest", "rejections").filter(stage="mine")
-    scores = examples["conf_mean_token_prob"].to_numpy()
-    in_band = int(((scores >= 0.45) & (scores <= 1.0)).sum())
-    outside = N_ROWS - in_band
-    assert examples.height == in_band + round(0.5 * outside)
-    assert rejected.height == N_ROWS - examples.height
-    assert all("outside band [0.45, 1.0]" in r for r in rejected["reason"])
+    spec = load_spec(e2e["spec_path"])
+    test = examples.filter(examples["split"] == "test")
+    expected_test = [pid for pid in examples["prompt_id"].to_list() + rejected["prompt_id"].to_list()
+                     if assign_split(pid, spec.splits) == "test"]
+    assert sorted(test["prompt_id"]) == sorted(expected_test) and test.height > 0  # none lost to mining
+    assert (test["conf_mean_token_prob"] < 0.62).any()  # test rows outside the band stay all the same
+    mined = examples.filter(examples["split"] != "test")
+    scores = mined["conf_mean_token_prob"].to_numpy()
+    in_band = int(((scores >= 0.62) & (scores <= 1.0)).sum())
+    outside = N_ROWS - test.height - in_band
+    assert mined.height == in_band + round(0.5 * outside)
+    assert rejected.height == N_ROWS - examples.height > 0
+    assert all("outside band [0.62, 1.0]" in r for r in rejected["reason"])
     assert (rejected["prompt_id"].is_in(examples["prompt_id"].implode()).sum()) == 0
 
 
@@ -129,14 +148,68 @@ def test_train_then_eval(e2e):
     out = student.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, pad_token_id=2)
     assert out.shape == (1, 6)
 
-    rows, path = training.evaluate(spec, st, progress=False)
+    report, path = training.evaluate(spec, st, progress=False)
+    split_report, held_out = report["sets"]
+    rows = split_report["models"]
     by_name = {r["name"]: r for r in rows}
     teacher = by_name["smollm2-135m-instruct"]
-    assert teacher["accuracy"] is not None and teacher["accuracy"] > 0.5
+    # Every figure below is recounted by hand from the stored rows and the saved students.
+    examples = st.read("demo@1", "examples")
+    test = examples.filter(examples["split"] == "test")
+    labels = set(examples["label"].drop_nulls().to_list())
+    gold = [normalise_answer(g, labels) for g in test["label"]]
+    teacher_answers = [normalise_answer(a or "", labels) for a in test["answer"]]
+    n = test.height
+    assert teacher["examples"] == n > 0
+    assert teacher["accuracy"] == pytest.approx(sum(a == g for a, g in zip(teacher_answers, gold)) / n)
+    assert teacher["accuracy"] > 0.5
     assert teacher["token_kl"] == pytest.approx(0.0, abs=0.02)
     for name in ("drop2", "tiny"):
         row = by_name[name]
-        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["agreement"] <= 1.0
-        assert row["token_kl"] > 0 and row["decode_tok_s"] > 0 and row["params"] < teacher["params"]
-    assert json.loads(path.read_text())["models"][0]["name"] == "smollm2-135m-instruct"
+        model, tokenizer = load_causal_lm(str(trained.run_dir / name))
+        prompts = [chat_prompt_ids(tokenizer, t) for t in test["teacher_prompt"]]
+        replies = generate_texts(model, tokenizer, prompts, spec.teacher.generation.max_new_tokens, spec.teacher.batch_size)
+        marker = spec.teacher.reasoning.answer_marker if spec.teacher.reasoning else None
+        answers = [normalise_answer(split_answer(r, marker)[1], labels) for r in replies]
+        assert row["accuracy"] == pytest.approx(sum(a == g for a, g in zip(answers, gold)) / n), name
+        assert row["agreement"] == pytest.approx(sum(a == t for a, t in zip(answers, teacher_answers)) / n), name
+        assert row["retention"] == pytest.approx(row["accuracy"] / teacher["accuracy"])
+        assert row["token_kl"] == pytest.approx(reference_token_kl(model, tokenizer, test), rel=1e-3, abs=1e-4), name
+        assert row["token_kl"] > 0.01 and row["decode_tok_s"] > 0 and row["params"] < teacher["params"]
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report, default=str))
     assert np.isfinite([r["decode_tok_s"] for r in rows]).all()
+    for r in rows:  # every accuracy beside n, its interval and the majority baseline of the same rows
+        k = round(r["accuracy"] * n)
+        assert r["n"] == n and r["accuracy_ci"] == pytest.approx(wilson(k, n))
+        assert r["baseline"]["n"] == n and r["baseline"]["label"] in labels
+    assert "drawn by hash of parent_id (seed 1) before the teacher answered" in split_report["description"]
+
+    # The external eval set: every row as written (the duplicate too), the real teacher asked once per prompt.
+    assert held_out["rows"] == N_EVAL + 1 and report["teacher_calls"] == N_EVAL
+    teacher_held = held_out["models"][0]
+    assert teacher_held["n"] == N_EVAL + 1 and teacher_held["accuracy"] > 0.5
+    assert [m["name"] for m in held_out["models"][1:]] == ["drop2", "tiny"]
+    again, _ = training.evaluate(spec, st, progress=False)
+    assert again["teacher_calls"] == 0  # cached: a second eval never asks the teacher
+    assert again["sets"][1]["models"][0]["accuracy"] == teacher_held["accuracy"]
+
+
+def reference_token_kl(model, tokenizer, rows) -> float:
+    """Mean over response tokens of KL(teacher || model) over the stored top-k ids plus one bucket for
+    every other id, at T=1: one row at a time, without padding, in plain Python arithmetic."""
+    total, count = 0.0, 0
+    for row in rows.iter_rows(named=True):
+        prompt, tokens = chat_prompt_ids(tokenizer, row["teacher_prompt"]), row["token_ids"]
+        if not tokens:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + tokens])).logits[0].double()
+        logp = logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)].log_softmax(-1)
+        for step, (ids, lps) in enumerate(zip(row["topk_ids"], row["topk_logprobs"])):
+            p = [math.exp(lp) for lp in lps]
+            s = [math.exp(logp[step, i].item()) for i in ids]
+            p.append(max(0.0, 1.0 - sum(p)))
+            s.append(max(1e-300, 1.0 - sum(s)))
+            total += sum(pi * math.log(pi / si) for pi, si in zip(p, s) if pi > 0)
+            count += 1
+    return total / count

@@ -1,6 +1,10 @@
 """Sources: every format, column mappings, limits, and bad rows with file, line and reason."""
 
 import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -8,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import store
-from engine.spec import Source, parse_spec
-from engine.stages.base import RunContext, StageError, prompt_id
+from engine.errors import StageError
+from engine.spec import Source, SpecError, parse_spec
+from engine.stages.base import RunContext, prompt_id
 from engine.stages.sources import ROW_SCHEMA, Sources, read_source
 
 
@@ -192,6 +197,9 @@ def test_tolerated_bad_rows_go_to_rejections(tmp_path):
     ('{"q": 42}', "line 2: 'q' is not text (got int)"),
     ('{"q": "' + "x" * 21 + '"}', "line 2: 'q' text is 21 characters (max_chars is 20)"),
     ('{"other": "b"}', "line 2: no 'q' field"),
+    # json.loads raises ValueError past Python's int-string limit and RecursionError when deeply nested
+    ('{"q": ' + "9" * 5000 + "}", f"line 2: invalid JSON (an integer over {sys.get_int_max_str_digits()} digits)"),
+    ('{"q": "x", "n": ' + "[" * 100_000 + "]" * 100_000 + "}", "line 2: invalid JSON (nested too deeply)"),
 ])
 def test_each_kind_of_bad_row(tmp_path, content, reason):
     path = write(tmp_path, "bad.jsonl", '{"q": "fine"}\n' + content + "\n")
@@ -226,3 +234,171 @@ def test_only_bad_rows_is_not_a_usable_source(tmp_path):
     with pytest.raises(StageError) as info:
         run_sources(tmp_path, {"path": "s.jsonl", "text": "q", "max_bad_rows": 5})
     assert str(info.value) == f"{path}: no usable rows (line 1: empty 'q' text)"
+
+
+def test_json_lines_too_big_to_read_count_against_max_bad_rows(tmp_path):
+    write(tmp_path, "s.jsonl", '{"q": "fine"}\n{"q": ' + "1" * 5000 + "}\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(StageError) as info:
+        run_sources(tmp_path, {"path": "s.jsonl", "text": "q", "max_bad_rows": 1})
+    assert str(info.value) == (f"{tmp_path / 's.jsonl'}: 2 bad rows (max_bad_rows is 1): line 2: invalid JSON "
+                               f"(an integer over {sys.get_int_max_str_digits()} digits); line 3: invalid JSON (nested too deeply)")
+    _, rejected, stats = run_sources(tmp_path, {"path": "s.jsonl", "text": "q", "max_bad_rows": 2})
+    assert stats["bad_rows"] == 2 and rejected["reason"].str.starts_with("line ").all()
+
+
+@pytest.mark.parametrize("name, reason", [("a" * 300 + ".jsonl", "File name too long"), ("folder.jsonl", "Is a directory")])
+def test_a_source_path_the_os_refuses_is_one_line(tmp_path, name, reason):
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(StageError) as info:
+        run_sources(tmp_path, {"path": name, "text": "q"})
+    assert str(info.value) == f"{tmp_path / name if len(name) < 255 else name}: cannot read the source ({reason})"
+
+
+# --- Hugging Face `datasets` folders ---------------------------------------------------
+
+
+ROWS = {"q": ["What is 2+2?", "Name a colour.", "Is 7 prime?"], "topic": ["math", "art", "math"], "gold": ["4", "red", "yes"]}
+
+
+def save_dataset(folder, columns=ROWS, features=None, splits=None):
+    """A Dataset (or, with splits {name: row indices}, a DatasetDict) written by save_to_disk."""
+    import datasets  # imported by the tests that need it: it is slow to import
+
+    data = datasets.Dataset.from_dict(columns, features=features)
+    if splits:
+        data = datasets.DatasetDict({name: data.select(rows) for name, rows in splits.items()})
+    data.save_to_disk(str(folder))
+    return folder
+
+
+def as_jsonl(tmp_path, columns, rows=None):
+    names = list(columns)
+    rows = range(len(columns[names[0]])) if rows is None else rows
+    return write(tmp_path, "same.jsonl", "".join(json.dumps({n: columns[n][i] for n in names}) + "\n" for i in rows))
+
+
+def without_source(rows):
+    return [{k: v for k, v in r.items() if k != "source"} for r in rows]
+
+
+def test_a_dataset_folder_reads_the_same_rows_as_the_same_jsonl(tmp_path):
+    folder = save_dataset(tmp_path / "ds")
+    jsonl = as_jsonl(tmp_path, ROWS)
+    mapping = {"text": "q", "category": "topic", "label": "gold"}
+    read = read_source(Source(path=str(folder), **mapping), path=folder)
+    assert read.bad == [] and [r["prompt"] for r in read.rows] == ROWS["q"]
+    assert without_source(read.rows) == without_source(read_source(Source(path=str(jsonl), **mapping), path=jsonl).rows)
+    kept, _, stats = run_sources(tmp_path, {"path": "ds", **mapping, "limit": 2})  # a folder: no format needed
+    assert kept["prompt"].to_list() == ROWS["q"][:2] and kept["source"].to_list() == ["ds", "ds"]
+
+
+def test_a_dataset_dict_split_reads_that_split(tmp_path):
+    folder = save_dataset(tmp_path / "dd", splits={"train": [0, 2], "test": [1]})
+    mapping = {"text": "q", "category": "topic", "label": "gold"}
+    read = read_source(Source(path=str(folder), split="train", **mapping), path=folder)
+    jsonl = as_jsonl(tmp_path, ROWS, rows=[0, 2])
+    assert without_source(read.rows) == without_source(read_source(Source(path=str(jsonl), **mapping), path=jsonl).rows)
+    one = save_dataset(tmp_path / "one", splits={"test": [1]})  # a single split needs no `split:`
+    assert [r["prompt"] for r in read_source(Source(path=str(one), text="q"), path=one).rows] == ["Name a colour."]
+
+
+def test_class_label_columns_give_their_names(tmp_path):
+    import datasets
+
+    features = datasets.Features({"q": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    folder = save_dataset(tmp_path / "ds", {"q": ["Good.", "Bad.", "Meh."], "label": [1, 0, -1]}, features=features)
+    rows = read_source(Source(path=str(folder), text="q", label="label", category="label"), path=folder).rows
+    assert [(r["label"], r["category"]) for r in rows] == [("pos", "pos"), ("neg", "neg"), (None, None)]
+
+
+def validate(tmp_path, source):
+    """A spec with one source checked as `syllabus validate` does (files must exist)."""
+    return parse_spec({"name": "t", "teacher": {"model": "m"}, "sources": [source]},
+                      path=tmp_path / "spec.yaml", check_files=True)
+
+
+def test_a_dataset_dict_with_several_splits_needs_a_known_split(tmp_path):
+    save_dataset(tmp_path / "dd", splits={"train": [0, 2], "test": [1]})
+    for split, problem in [(None, "split: required, the DatasetDict has several splits (train, test)"),
+                           ("dev", "split: no split 'dev' (splits: train, test)")]:
+        source = {"path": "dd", "text": "q", "split": split}
+        with pytest.raises(SpecError) as info:  # at validate time
+            validate(tmp_path, source)
+        assert str(info.value) == f"{tmp_path / 'spec.yaml'}: sources[0]: {problem}"
+        with pytest.raises(StageError) as info:  # and at run time, should the folder change after validate
+            run_sources(tmp_path, source)
+        assert str(info.value) == f"{tmp_path / 'dd'}: {problem}"
+
+
+def test_split_is_refused_where_there_are_no_splits(tmp_path):
+    write(tmp_path, "s.jsonl", '{"q": "x"}\n')
+    with pytest.raises(SpecError, match=r"sources\[0\]: split applies only to a datasets folder"):
+        validate(tmp_path, {"path": "s.jsonl", "text": "q", "split": "train"})
+    save_dataset(tmp_path / "ds")
+    with pytest.raises(SpecError, match=r"sources\[0\]: split: 'train' names a split, but the folder holds one Dataset"):
+        validate(tmp_path, {"path": "ds", "text": "q", "split": "train"})
+
+
+def test_a_plain_folder_is_one_line_naming_it(tmp_path):
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data", "notes.txt", "hello\n")
+    expected = "is a folder but not a datasets folder written by save_to_disk (no dataset_info.json or dataset_dict.json)"
+    with pytest.raises(SpecError) as info:
+        validate(tmp_path, {"path": "data"})
+    assert str(info.value) == f"{tmp_path / 'spec.yaml'}: sources[0].path: data {expected}"
+    with pytest.raises(StageError) as info:
+        run_sources(tmp_path, {"path": "data"})
+    assert str(info.value) == f"{tmp_path / 'data'} {expected}"
+    for arrow in save_dataset(tmp_path / "broken").glob("*.arrow"):
+        arrow.unlink()
+    with pytest.raises(StageError, match=rf"^{tmp_path / 'broken'}: not a readable datasets folder \(.*No such file"):
+        run_sources(tmp_path, {"path": "broken", "text": "q"})
+
+
+def test_dataset_bad_rows_are_named_by_row_and_counted(tmp_path):
+    save_dataset(tmp_path / "ds", {"q": ["fine", None, "also fine", "x" * 30, "  "]})
+    with pytest.raises(StageError) as info:
+        run_sources(tmp_path, {"path": "ds", "text": "q", "max_chars": 20, "max_bad_rows": 2})
+    assert str(info.value) == (f"{tmp_path / 'ds'}: 3 bad rows (max_bad_rows is 2): row 2: empty 'q' text; "
+                               "row 4: 'q' text is 30 characters (max_chars is 20); row 5: empty 'q' text")
+    kept, rejected, stats = run_sources(tmp_path, {"path": "ds", "text": "q", "max_chars": 20, "max_bad_rows": 3})
+    assert kept["prompt"].to_list() == ["fine", "also fine"] and stats["bad_rows"] == 3
+    assert rejected.select("reason", "prompt").rows()[0] == ("row 2: empty 'q' text", '{"q": null}')
+    save_dataset(tmp_path / "ints", {"q": [1, 2]})
+    assert [str(b) for b in read_source(Source(path=str(tmp_path / "ints"), text="q", max_bad_rows=2),
+                                        path=tmp_path / "ints").bad] == ["row 1: 'q' is not text (got int)",
+                                                                         "row 2: 'q' is not text (got int)"]
+
+
+def test_dataset_missing_column_names_the_columns(tmp_path):
+    save_dataset(tmp_path / "dd", splits={"train": [0, 1]})
+    with pytest.raises(StageError) as info:
+        run_sources(tmp_path, {"path": "dd", "text": "question"})
+    assert str(info.value) == f"{tmp_path / 'dd'}: no text column 'question' (columns: q, topic, gold)"
+    with pytest.raises(StageError, match=r"no label column 'answer' \(columns: q, topic, gold\)$"):
+        run_sources(tmp_path, {"path": "dd", "label": "answer", "text": "q"})
+
+
+def test_rewriting_a_dataset_folder_rekeys_the_sources_stage(tmp_path):
+    import shutil
+
+    from engine.curate.stage_cache import stage_key
+
+    save_dataset(tmp_path / "ds")
+    spec = parse_spec({"name": "t", "teacher": {"model": "m"}, "sources": [{"path": "ds", "text": "q"}]},
+                      path=tmp_path / "spec.yaml")
+
+    def key():
+        return stage_key(Sources(), Sources().cache_slice(spec, None), "")
+
+    before = key()
+    assert key() == before
+    shutil.rmtree(tmp_path / "ds")
+    save_dataset(tmp_path / "ds", {**ROWS, "q": ["What is 3+3?", *ROWS["q"][1:]]})
+    assert key() != before
+
+
+def test_datasets_is_imported_only_to_read_a_datasets_folder():
+    # importing `datasets` takes a second: a spec without such a source must not pay it
+    code = "import sys, engine.stages.sources, engine.spec; assert 'datasets' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

@@ -110,3 +110,55 @@ def test_selection_and_splits_draw_independently():
     split, _, stats = Split().run(kept, ctx(splits=Splits(train=0.7, val=0.1, test=0.2, seed=7)))
     assert kept.height == 1000
     assert abs(stats["train"] / 1000 - 0.7) < 0.05 and abs(stats["test"] / 1000 - 0.2) < 0.04
+
+
+# --- the test split: drawn before the teacher, passed through by mining and selection ---------
+
+def test_split_runs_before_the_teacher_and_any_confidence_decision():
+    from engine.stages import all_stages
+
+    order = [cls.name for cls in all_stages()]
+    assert order.index("dedup") < order.index("split") < order.index("teach") < order.index("mine")
+    assert order.index("split") < order.index("select")
+
+
+def test_mining_passes_test_rows_through_whatever_their_confidence():
+    frame = frame_with_scores([i / 20 for i in range(20)]).with_columns(
+        split=pl.Series(["test" if i % 4 == 0 else "train" for i in range(20)]))
+    mine = Mining(confidence="mean_token_prob", band=(0.9, 1.0), outside_band_keep=0.0)
+    kept, rejected, stats = Mine().run(frame, ctx(mining=mine))
+    test_ids = set(frame.filter(pl.col("split") == "test")["prompt_id"])
+    assert test_ids <= set(kept["prompt_id"]) and not test_ids & set(rejected["prompt_id"])
+    assert set(kept.filter(pl.col("split") == "train")["conf_mean_token_prob"]) == {0.9, 0.95}  # the band, on train
+    assert stats["test_untouched"] == 5 and stats["rows"] == 15 and stats["in_band"] == 2
+
+
+def test_selection_counts_quotas_on_train_and_val_and_keeps_every_test_row():
+    from engine.spec import Coverage
+    from engine.stages.select import Select
+
+    ids = [prompt_id(f"p{i}") for i in range(30)]
+    frame = pl.DataFrame({"prompt_id": ids, "parent_id": ids, "category": ["x"] * 30, "cluster": [0] * 30,
+                          "split": ["test" if i < 10 else "train" for i in range(30)]})
+    kept, rejected, stats = Select().run(frame, ctx(coverage=Coverage(categories={"x": {"max": 4}}), diversity=None))
+    assert kept.filter(pl.col("split") == "train").height == 4
+    assert kept.filter(pl.col("split") == "test")["prompt_id"].to_list() == ids[:10]
+    assert rejected.height == 16 and not set(rejected["prompt_id"]) & set(ids[:10])
+    assert (stats["kept"], stats["test_untouched"], stats["over_quota"]) == (4, 10, 16)
+    short, _, stats = Select().run(frame, ctx(coverage=Coverage(categories={"x": {"min": 25}}), diversity=None))
+    assert stats["shortfall"]["x"]["have"] == 20  # test rows do not fill a quota
+
+
+def test_top_up_rows_in_the_test_split_are_kept_out():
+    ids = [prompt_id(f"v{i}") for i in range(40)]
+    batch = pl.DataFrame({"prompt_id": ids, "parent_id": ids})
+    splits = Splits(train=0.5, val=0.2, test=0.3, group_by="prompt_id", seed=2)
+    kept, rejected, _ = Split().run_new_rows(batch, batch.clear(), ctx(splits=splits))
+    assert rejected.height > 0 and set(kept["split"]) <= {"train", "val"}
+    assert kept.height + rejected.height == 40 and (rejected["stage"] == "split").all()
+    assert all(assign == "test" for assign in (Split().run(batch, ctx(splits=splits))[0]
+                                               .filter(pl.col("prompt_id").is_in(rejected["prompt_id"].implode()))["split"]))
+
+
+def test_splits_group_by_parent_id_by_default():
+    assert Splits().group_by == "parent_id"

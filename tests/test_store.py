@@ -48,10 +48,30 @@ def s(tmp_path):
 def test_open_creates_layout(tmp_path):
     s = store.open(tmp_path / "st")
     assert s.root == (tmp_path / "st").resolve()
-    for sub in ("catalog.sqlite", "data", "models", "staging"):
-        assert (s.root / sub).exists()
+    for sub in ("catalog.sqlite", "data", "models", "staging", "cache"):
+        assert (s.root / sub).is_dir() or (s.root / sub).is_file()
     assert s.versions() == []
-    store.open(tmp_path / "st")  # reopening an existing store is fine
+
+
+def test_reopening_a_store_keeps_its_versions_tags_models_and_data(tmp_path):
+    s = store.open(tmp_path / "st")
+    s.commit("demo", {"examples": examples(3), "rejections": rejections(2)}, lineage(), parent=None)
+    s.commit("demo", {"examples": examples(4)}, lineage("h2"), parent=1)
+    s.tag("demo@1", "prod")
+    s.record_model(dataset="demo", version=2, run_id="r1", student="tiny", path=s.root / "models" / "r1" / "tiny",
+                   spec_hash="h2", metrics={"steps": 3})
+    files = {p: p.stat().st_mtime_ns for p in (s.root / "data").rglob("*.parquet")}
+
+    again = store.open(tmp_path / "st")  # a later session (or another process) opens the same folder
+    assert [(v.ref, v.parent, v.spec_hash, v.row_counts) for v in again.versions()] == [
+        ("demo@1", None, "h1", {"examples": 3, "rejections": 2}), ("demo@2", 1, "h2", {"examples": 4})]
+    assert again.tags() == {"demo@prod": 1} and again.resolve("demo@prod").version == 1
+    assert [(m["ref"], m["student"], m["metrics"]) for m in again.models()] == [("demo@2", "tiny", {"steps": 3})]
+    assert again.read("demo@1", "examples").equals(s.read("demo@1", "examples"))
+    assert again.read("demo@2", "examples")["prompt_id"].to_list() == ["p0", "p1", "p2", "p3"]
+    assert {p: p.stat().st_mtime_ns for p in (again.root / "data").rglob("*.parquet")} == files  # nothing rewritten
+    # And it goes on where it left off: the next commit is demo@3 on top of demo@2.
+    assert again.commit("demo", {"examples": examples(5)}, lineage("h3"), parent=2) == store.CommitResult(3, True)
 
 
 def test_commit_two_versions_and_read_back(s):

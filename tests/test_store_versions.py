@@ -71,8 +71,10 @@ def test_child_shares_parent_files_and_reads_back_exactly(s, monkeypatch):
     v2 = s.resolve("demo@2")
     added = data_bytes(s) - before
     assert added < 0.05 * before
-    assert set(v1.files["examples"]) < set(v2.files["examples"]) | set(v1.files["examples"])
-    assert len(set(v1.files["examples"]) & set(v2.files["examples"])) >= len(v1.files["examples"]) - 1
+    parent_files, child_files = set(v1.files["examples"]), set(v2.files["examples"])
+    assert child_files - parent_files, "the changed and new rows are written to at least one new file"
+    shared = parent_files & child_files
+    assert len(shared) >= len(parent_files) - 1, "all of the parent's files but at most one are reused as they are"
     assert v2.files["rejections"] == v1.files["rejections"]
     assert v2.row_counts == {"examples": 2000, "rejections": 3}
 
@@ -231,15 +233,23 @@ def test_export_formats(s, tmp_path):
     assert r.rows == expected.filter(pl.col("split") == "train").height
     assert first["messages"][0] == {"role": "system", "content": "Be brief."}
 
+    # parquet: every column as stored, plus the same messages.
     s.export("demo@2", "parquet", tmp_path / "x.parquet")
-    assert pl.read_parquet(tmp_path / "x.parquet").equals(expected)
+    parquet = pl.read_parquet(tmp_path / "x.parquet")
+    assert parquet.drop("messages").equals(expected)
+    assert parquet["messages"].to_list() == [line["messages"] for line in lines]
+
+    # meta: the columns a filter needs beside the messages, never the token lists.
+    s.export("demo@2", "jsonl", tmp_path / "m.jsonl", meta=True, user=lambda rows: [p.upper() for p in rows["prompt"]])
+    first = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
+    assert list(first) == ["messages", "prompt_id", "category", "split", "label", "conf_answer_prob"]
+    assert first["messages"][0] == {"role": "user", "content": "PROMPT 2"} and first["conf_answer_prob"] == 0.74
 
     datasets = pytest.importorskip("datasets")
-    s.export("demo@2", "hf", tmp_path / "hf")
+    s.export("demo@2", "hf", tmp_path / "hf", meta=True)
     ds = datasets.load_from_disk(str(tmp_path / "hf"))
-    assert ds.num_rows == 7 and ds.column_names == expected.columns
-    assert ds[0]["prompt_id"] == "p00002" and ds[0]["token_ids"] == [2, 3, 4]
-    assert pl.from_arrow(ds.data.table).cast(expected.schema).equals(expected)
+    assert ds.num_rows == 7 and ds.column_names == ["messages", "prompt_id", "category", "split", "label", "conf_answer_prob"]
+    assert ds[0]["messages"] == lines[0]["messages"] and ds[0]["prompt_id"] == "p00002"
 
     with pytest.raises(store.StoreError, match="unknown export format 'csv'"):
         s.export("demo@2", "csv", tmp_path / "x.csv")

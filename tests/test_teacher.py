@@ -63,3 +63,77 @@ def test_teach_stage_caches_answers(tmp_path, teacher_spec):
     assert again.equals(first)
     assert first.schema["topk_logprobs"] == pl.List(pl.List(pl.Float16))
     assert first["teacher_prompt"].to_list() == PROMPTS
+
+
+# --- sampling (temperature > 0) ---------------------------------------------------------
+
+
+def sampling_spec(tiny_llm_dir, **generation):
+    return Teacher(model=str(tiny_llm_dir), generation={"max_new_tokens": 8, **generation},
+                   logprobs={"top_k": 5}, batch_size=2)
+
+
+def token_lists(outputs) -> list[list[int]]:
+    return [o.token_ids.tolist() for o in outputs]
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy_and_other_seeds(tiny_llm_dir):
+    greedy = token_lists(load_teacher(sampling_spec(tiny_llm_dir)).generate(PROMPTS))
+    teacher = load_teacher(sampling_spec(tiny_llm_dir, temperature=1.0, seed=0))
+    first = teacher.generate(PROMPTS)
+    again = teacher.generate(PROMPTS)  # the same teacher, called again: the seed is re-applied
+    fresh = load_teacher(sampling_spec(tiny_llm_dir, temperature=1.0, seed=0)).generate(PROMPTS)
+    assert token_lists(first) == token_lists(again) == token_lists(fresh)
+    for a, b in zip(first, fresh):
+        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+        assert a.text == b.text
+    other_seed = token_lists(load_teacher(sampling_spec(tiny_llm_dir, temperature=1.0, seed=1)).generate(PROMPTS))
+    assert token_lists(first) != greedy and token_lists(first) != other_seed and other_seed != greedy
+    # Sampled, not greedy: somewhere a token other than the most probable one was chosen.
+    assert any((o.topk_ids[:, 0] != o.token_ids).any() for o in first)
+
+
+def test_top_p_is_honoured(tiny_llm_dir):
+    """A nucleus this small holds only the likeliest token: sampling at any temperature is greedy."""
+    greedy = token_lists(load_teacher(sampling_spec(tiny_llm_dir)).generate(PROMPTS))
+    nucleus = load_teacher(sampling_spec(tiny_llm_dir, temperature=2.0, top_p=1e-6, seed=3)).generate(PROMPTS)
+    assert token_lists(nucleus) == greedy
+
+
+def test_sampled_logprobs_are_the_raw_t1_distribution(tiny_llm_dir):
+    """At temperature 2 the chosen tokens come from the tempered distribution, but what is stored
+    (and what students distil from) is the model's untempered T=1 distribution at each step."""
+    spec = sampling_spec(tiny_llm_dir, temperature=2.0, seed=0)
+    model, tokenizer = load_causal_lm(spec.model)
+    outputs = load_teacher(spec).generate(PROMPTS)
+    for prompt, out in zip(PROMPTS, outputs):
+        ids = chat_prompt_ids(tokenizer, prompt)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + out.token_ids.tolist()])).logits[0].float()
+        steps = logits[len(ids) - 1 : len(ids) - 1 + len(out.token_ids)]
+        t1 = torch.log_softmax(steps, -1)
+        top_lp, top_ids = t1.topk(5, dim=-1)
+        np.testing.assert_allclose(out.topk_logprobs.astype(np.float32), top_lp.numpy(), atol=1e-2)
+        assert (out.topk_ids == top_ids.numpy()).all()
+        chosen = t1.gather(-1, torch.tensor(out.token_ids, dtype=torch.long).unsqueeze(-1)).squeeze(-1)
+        np.testing.assert_allclose(out.token_logprobs, chosen.numpy(), atol=1e-4)
+        tempered = torch.log_softmax(steps / 2.0, -1).topk(5, dim=-1).values
+        assert not np.allclose(out.topk_logprobs.astype(np.float32), tempered.numpy(), atol=1e-2)
+
+
+def test_the_answer_cache_keys_on_the_sampling_seed(tmp_path, tiny_llm_dir):
+    def teach(seed):
+        class Spec:
+            teacher = sampling_spec(tiny_llm_dir, temperature=1.0, seed=seed)
+
+        frame = pl.DataFrame({"prompt_id": [prompt_id(p) for p in PROMPTS], "prompt": PROMPTS})
+        kept, _, stats = Teach().run(frame, RunContext(spec=Spec, cache_dir=tmp_path, progress=False))
+        return kept, stats["teacher_calls"]
+
+    seed0, calls = teach(0)
+    assert calls == 3
+    again, calls = teach(0)
+    assert calls == 0 and again.equals(seed0)
+    seed1, calls = teach(1)
+    assert calls == 3  # another seed is another sample, not the cached one
+    assert seed1["token_ids"].to_list() != seed0["token_ids"].to_list()

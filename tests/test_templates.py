@@ -1,10 +1,15 @@
 """Templates fail at validate time naming file and line; the sandbox refuses Python internals."""
 
+import sys
+import time
+
 import pytest
 import yaml
 from typer.testing import CliRunner
 
+from engine import templates
 from engine.cli import app
+from engine.errors import RenderLimit
 from engine.spec import load_spec
 from engine.templates import (EXAMPLE_VARIABLES, ROW_VARIABLES, TemplateProblem, check_spec_templates,
                               check_variables, compile_template, load_template, render)
@@ -25,9 +30,10 @@ def test_syntax_error_names_template_and_line():
     assert problem("{{ prompt }}\n{{ prompt | no_such_filter }}") == "templates/x.j2: line 2: No filter named 'no_such_filter'."
 
 
-def test_undefined_variable_names_its_first_use():
-    assert problem("Rewrite\n{{ prompt }}\nin a {{ stlye }} way, {{ zz }}\n{{ stlye }}") == (
-        f"templates/x.j2: line 3: 'stlye' is undefined (known: {KNOWN})")
+def test_each_undefined_variable_is_named_once_at_its_first_use():
+    assert problem("Rewrite\n{{ prompt }}\nin a {{ stlye }} way, {{ zz }}\n{{ stlye }}").splitlines() == [
+        f"templates/x.j2: line 3: 'stlye' is undefined (known: {KNOWN})",
+        f"templates/x.j2: line 3: 'zz' is undefined (known: {KNOWN})"]
     assert problem("{% for w in prompt.split() %}{{ w }}{% endfor %}\n{% if lbl %}x{% endif %}") == (
         f"templates/x.j2: line 2: 'lbl' is undefined (known: {KNOWN})")
 
@@ -115,3 +121,77 @@ def test_unreadable_template_file(tmp_path):
     path.write_bytes(b"caf\xe9 {{ prompt }}")
     with pytest.raises(TemplateProblem, match=r"bad.j2: not UTF-8 text"):
         load_template(path)
+
+
+def test_student_prompt_file_is_checked_under_its_own_name(tmp_path):
+    (tmp_path / "student.j2").write_text("Q: {{ prompt }}\n{{ anwser }}")
+    path = write_spec(tmp_path, training={"student_prompt": "student.j2"})
+    with pytest.raises(TemplateProblem) as info:
+        check_spec_templates(load_spec(path))
+    assert str(info.value).startswith(f"{tmp_path / 'student.j2'}: line 2: 'anwser' is undefined")
+    (tmp_path / "student.j2").write_text("Q: {{ prompt }} {{ answer }}")
+    assert check_spec_templates(load_spec(path)) == ["teacher.prompt: template file teacher.j2",
+                                                     "training.student_prompt: template file student.j2"]
+
+
+# --- bounded: compiling runs nothing, rendering has limits -------------------------------
+
+
+def test_compiling_folds_no_constants():
+    # Jinja folds constant output while compiling; here nothing of the template runs until render.
+    code = templates._env.compile("{{ 'q' ~ 'z' }} {{ 'ab'|center(30) }} {% set n = 2 ** 3 %}", raw=True)
+    assert "'qz'" not in code and "ab".center(30) not in code and "= 8" not in code
+
+
+@pytest.mark.parametrize("source, message", [
+    ("a\n{{ 3 ** 300000000 }}", "line 2: refused by the sandbox: '**' would make an integer of about 600000000 bits "
+                                "(the limit is 100000)"),
+    ("{{ 'ab' * 100000000 }}", "line 1: refused by the sandbox: '*' would make 200000000 items (the limit is 1000000)"),
+])
+def test_huge_constants_are_refused_at_validate_quickly(source, message):
+    started = time.monotonic()
+    assert problem(source) == f"templates/x.j2: {message}"
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("source, row, message", [
+    ("{{ 3 ** n }}", {"n": 300_000_000}, "'**' would make an integer of about 600000000 bits"),
+    ("{{ (10 ** 4000) * (10 ** 4000) * n }}", {"n": 10 ** 95000}, "'*' would make an integer of about"),
+    ("x\n{{ prompt * n }}", {"prompt": "ab", "n": 100_000_000}, "'*' would make 200000000 items"),
+    ("{{ [prompt] * n }}", {"prompt": "ab", "n": 2_000_000}, "'*' would make 2000000 items"),
+])
+def test_huge_results_are_refused_at_render(source, row, message):
+    """A result too big for its row's values is that row's render limit (a bad row), naming the line."""
+    line = source.count("\n") + 1
+    template = compile_template(source, "templates/x.j2")
+    with pytest.raises(RenderLimit) as info:
+        render(template, row)
+    assert str(info.value).startswith(f"templates/x.j2: line {line}: {message}")
+
+
+def test_a_render_past_its_time_is_a_render_limit_naming_the_line():
+    template = compile_template("{{ prompt }}\n{% for i in range(100000) %}{% for j in range(100000) %}"
+                                "{% endfor %}{% endfor %}", "templates/slow.j2")
+    tracer = sys.gettrace()
+    started = time.monotonic()
+    with pytest.raises(RenderLimit) as info:
+        render(template, {"prompt": "p"}, seconds=0.2)
+    assert time.monotonic() - started < 2
+    assert str(info.value) == "templates/slow.j2: line 2: render took over 0.2 s"
+    assert sys.gettrace() is tracer  # the render's tracer is gone, whatever was there is back
+    assert render(template.environment.from_string("{{ prompt }}"), {"prompt": "p"}) == "p"
+
+
+def test_a_render_past_its_output_limit_is_a_render_limit():
+    template = compile_template("a\n{% for i in range(100000) %}{{ prompt }}{% endfor %}", "templates/big.j2")
+    with pytest.raises(RenderLimit, match=r"^templates/big.j2: line 2: output over 1000000 characters$"):
+        render(template, {"prompt": "x" * 20})
+
+
+@pytest.mark.parametrize("tag, shown", [
+    ("{% include 'other.j2' %}", "include"), ("{% import 'm.j2' as m %}", "import"),
+    ("{% from 'm.j2' import f %}", "from ... import"), ("{% extends 'base.j2' %}", "extends"),
+])
+def test_templates_that_pull_in_other_files_are_refused_at_validate(tag, shown):
+    assert problem("Hi\n" + tag) == (f"templates/x.j2: line 2: {{% {shown} %}} is not supported: "
+                                     "a template is one file (write the text into it)")

@@ -67,5 +67,38 @@ def test_changing_a_quota_reruns_only_selection(project):
     (project / "spec.yaml").write_text(yaml.safe_dump(spec))
     again = pipeline.run(load_spec(project / "spec.yaml"), store.open(project / "store"), progress=False)
     ran = [name for name, stats in again.stage_stats.items() if not stats.get("from_stage_cache")]
-    assert ran == ["mine", "select", "split"] and again.teacher_calls == 0
+    assert ran == ["mine", "select"] and again.teacher_calls == 0
     assert again.rows == 3 + 4
+
+
+def test_top_up_dedups_new_variations_against_every_kept_row(project):
+    """With semantic dedup, a top-up variation too close to a kept row is dropped and recorded; kept rows stay."""
+    spec = yaml.safe_load((project / "spec.yaml").read_text())
+    spec["dedup"] = {"exact": True, "semantic": {"threshold": 0.9}}
+    spec["augment"][0]["categories"] = ["a", "b"]
+    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
+    spec = load_spec(project / "spec.yaml")
+    st = store.open(project / "store")
+    first_pass, first_rejected, _, _ = pipeline.curate(spec.model_copy(update={"coverage": spec.coverage.model_copy(
+        update={"augment_until_quota": False})}), st, progress=False)
+    result = pipeline.run(spec, st, progress=False)
+    v = st.version("quota@1")
+    examples, rejected = v.to_polars("examples"), v.to_polars("rejections")
+    assert result.stage_stats["top_up"]["rounds"] >= 1
+    assert set(first_pass["prompt_id"]) <= set(examples["prompt_id"])  # top-up never drops a row kept before it
+    dropped = rejected.filter(pl.col("stage") == "dedup")
+    made_by_top_up = dropped.filter(~pl.col("prompt_id").is_in(first_rejected["prompt_id"].implode())
+                                    & (pl.col("parent_id") != pl.col("prompt_id")))
+    assert made_by_top_up.height > 0 and (made_by_top_up["similarity"] >= 0.9).all()
+    assert set(made_by_top_up["neighbor_id"]) <= set(examples["prompt_id"]) | set(dropped["prompt_id"])
+
+
+def test_plan_counts_are_lower_bounds_when_top_up_may_ask_more(project):
+    from engine.curate.plan import make_plan
+
+    st = store.open(project / "store")
+    before = make_plan(load_spec(project / "spec.yaml"), st)
+    assert before.top_up and before.bound == "at least " and before.teacher_calls == 8 + 2  # originals + b's variations
+    pipeline.run(load_spec(project / "spec.yaml"), st, progress=False)
+    after = make_plan(load_spec(project / "spec.yaml"), st)
+    assert after.teacher_calls == 0 and after.bound == "at least "

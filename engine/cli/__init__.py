@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from engine.cli import curate, datasets, init  # noqa: F401  (each registers its verbs)
 from engine.cli.common import app, err
 
@@ -23,8 +25,9 @@ def main() -> None:
     try:
         app()
     except Interrupted as e:
-        err.print(f"[yellow]interrupted:[/] {e}", highlight=False)
+        err.print(f"[yellow]interrupted:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(130)
     except (UserError, StoreError) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        for line in str(e).splitlines() or [type(e).__name__]:  # a spec with several problems: one line each
+            err.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -23,3 +23,17 @@ def open_store(path: Optional[Path]):
     import store
 
     return store.open(path or Path(os.environ.get("SYLLABUS_STORE", ".syllabus")))
+
+
+def print_cut_off(console: Console, shares) -> None:
+    """Answers cut off at max_new_tokens, per category, with a warning when the share is high."""
+    from store.inspect import CUT_OFF_WARN
+
+    if shares is None or not shares.height:
+        return
+    parts = [f"{c} {share:.0%} ({n}/{m})" for c, m, n, share in shares.select("category", "examples", "cut_off", "share").iter_rows()]
+    console.print(f"answers cut off at max_new_tokens: {'; '.join(parts)}", highlight=False)
+    overall = shares.filter(category="all")["share"][0]
+    if overall > CUT_OFF_WARN:
+        console.print(f"[yellow]warning:[/] {overall:.0%} of answers were cut off mid-answer: raise "
+                      "teacher.generation.max_new_tokens, or set mining.truncated: drop", highlight=False)

@@ -2,27 +2,48 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
-from engine.cli.common import StoreOption, app, err, open_store, out
+from engine.cli.common import StoreOption, app, err, open_store, out, print_cut_off
 
 
 def _spec(path: Path):
     from engine.spec import load_spec
 
-    return load_spec(path)
+    with _every_problem():
+        return load_spec(path)
+
+
+@contextmanager
+def _every_problem():
+    """A spec's problems come all at once: print each as its own `error:` line, then exit 1."""
+    from engine.errors import SpecError, TemplateProblem
+
+    try:
+        yield
+    except (SpecError, TemplateProblem) as e:
+        if len(e.lines) == 1:
+            raise  # main() prints it like any other error
+        for line in e.lines:
+            err.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="spec file (YAML)")):
-    """Check a spec: fields, files and templates. Errors name the file and the field."""
+    """Check a spec: fields, files and templates. Every problem is one line naming the file and the field."""
     from engine.templates import check_spec_templates
 
     s = _spec(spec)
-    check_spec_templates(s)
+    with _every_problem():
+        taken = check_spec_templates(s)
+    for line in taken:  # which fields were read as files and which as inline text
+        out.print(f"{spec}: {line}", highlight=False)
     out.print(f"{spec}: ok — dataset {s.name!r}, {len(s.sources)} source(s), {len(s.students)} student(s)")
 
 
@@ -36,6 +57,7 @@ def run(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Option
     result = pipeline.run(s, open_store(store), progress=not quiet, console=err)
     if not quiet:
         err.print(pipeline.summary_table(result))
+        print_cut_off(err, result.cut_off)
     if result.created:
         out.print(f"committed {s.name}@{result.version}: {result.rows} examples, {result.teacher_calls} teacher calls")
     else:
@@ -61,33 +83,84 @@ def plan(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optio
     bound = p.bound
     if p.teacher_calls == 0 and not bound:
         out.print("teacher calls to pay: 0 (every answer is cached)")
+    elif p.teacher_rows is None:
+        out.print(f"teacher calls to pay: {bound}0 (every answer of the teach stage is cached)")
     else:
         out.print(f"teacher calls to pay: {bound}{p.teacher_calls} of {p.teacher_rows} prompts "
                   f"(about {p.seconds / 60:.1f} min; {p.speed_source})")
+    if p.top_up:
+        out.print("plus the calls of top-up rounds for categories short of their quota "
+                  "(coverage.augment_until_quota), known only once selection has run")
+
+
+def _seeds(text: Optional[str]) -> Optional[list[int]]:
+    """--seeds 0,1,2 as a list of distinct seeds."""
+    from engine.errors import UserError
+
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise UserError(f"--seeds: {text!r} is not a comma-separated list of seeds (e.g. 0,1,2)")
+    return list(dict.fromkeys(int(p) for p in parts))
+
+
+SeedsOption = typer.Option(None, "--seeds", help="train or score each student once per seed, e.g. 0,1,2 "
+                                                 "(default: training.seeds, else training.seed)")
 
 
 @app.command()
 def train(spec: Path = typer.Argument(..., help="spec file (YAML)"),
           dataset: Optional[str] = typer.Option(None, "--dataset", help="version to train on (default: NAME@latest)"),
+          seeds: Optional[str] = SeedsOption,
           store: Optional[Path] = StoreOption, quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Train every student of the spec from one pinned dataset version, in one pass."""
+    """Train every student of the spec from one pinned dataset version, in one pass (one run per seed)."""
     from engine.train import runs as training
 
     s = _spec(spec)
-    result = training.train(s, open_store(store), dataset, progress=not quiet, console=err)
-    verb = "trained" if result.created else "already trained"
-    out.print(f"{verb}: {', '.join(result.students)} on {result.dataset_ref} -> {result.run_dir}")
+    for seed, result in training.train_seeds(s, open_store(store), dataset, _seeds(seeds), progress=not quiet,
+                                             console=err):
+        verb = "trained" if result.created else "already trained"
+        at = "" if seed is None else f" (seed {seed})"
+        out.print(f"{verb}: {', '.join(result.students)} on {result.dataset_ref}{at} -> {result.run_dir}")
 
 
 @app.command(name="eval")
 def evaluate(spec: Path = typer.Argument(..., help="spec file (YAML)"),
              dataset: Optional[str] = typer.Option(None, "--dataset", help="version the students were trained on"),
+             seeds: Optional[str] = SeedsOption,
+             as_json: bool = typer.Option(False, "--json", help="print the whole report as JSON (what eval.json holds)"),
              store: Optional[Path] = StoreOption, quiet: bool = typer.Option(False, "--quiet", "-q")):
-    """Teacher vs students on the test split: size, speed, accuracy, agreement, KL, retention."""
+    """Teacher vs students on the test split and each eval source: accuracy with n, 95% interval and the
+    majority baseline, per category, confusion, agreement, KL, retention, size and speed."""
+    import json
+    import sys
+
     from engine.train import runs as training
-    from engine.train import format_table
+    from engine.train.evaluate import (category_table, confusion_table, format_table, one_answer_warnings,
+                                       set_heading)
 
     s = _spec(spec)
-    rows, path = training.evaluate(s, open_store(store), dataset, progress=not quiet, console=err)
-    out.print(format_table(rows))
+    report, path = training.evaluate(s, open_store(store), dataset, seeds=_seeds(seeds), progress=not quiet,
+                                     console=err)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+        return
+    for entry in report["sets"]:
+        first, *rest = set_heading(entry).splitlines()
+        out.print(f"\n[bold]{escape(first)}[/]", highlight=False, soft_wrap=True)
+        for line in rest:
+            out.print(escape(line), highlight=False, soft_wrap=True)
+        out.print(format_table(entry["models"], title=f"teacher vs students: {entry['name']}", seeds=entry["seeds"]))
+        for extra in (category_table(entry["models"]), confusion_table(entry["models"])):
+            if extra is not None:
+                out.print(extra)
+        for line in one_answer_warnings(entry):
+            out.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
+    methods = report["methods"]
+    out.print(f"intervals: {methods['interval']}; retention: {methods['retention_interval']}"
+              + ("; students over seeds: mean (min–max)" if len(report["seeds"]) > 1 else ""),
+              style="dim", highlight=False)
+    if report["teacher_calls"]:
+        out.print(f"teacher calls for eval.sources: {report['teacher_calls']} (cached for the next eval)", style="dim")
     out.print(f"saved {path}", style="dim")

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from engine.cli.common import StoreOption, app, err, open_store, out
+from engine.cli.common import StoreOption, app, err, open_store, out, print_cut_off
 
 
 def _size(n: int) -> str:
@@ -51,6 +51,8 @@ def show(ref: str = typer.Argument(..., help="NAME@V, NAME@latest or NAME@TAG"),
     out.print(f"[bold]{info.ref}[/]" + (f"  tags: {', '.join(info.tags)}" if info.tags else ""))
     if s.by_category_split is not None:
         _print_crosstab(s.by_category_split)
+        if s.test_split:
+            out.print(s.test_split, highlight=False)
     if s.histogram:
         total = sum(n for _, _, n in s.histogram) or 1
         peak = max(n for _, _, n in s.histogram) or 1
@@ -58,6 +60,9 @@ def show(ref: str = typer.Argument(..., help="NAME@V, NAME@latest or NAME@TAG"),
         for lo, hi, n in s.histogram:
             bar = "█" * round(40 * n / peak)
             out.print(f"  {lo:6.2f} – {hi:<6.2f} {n:>7}  {bar}", highlight=False)
+    if s.cut_off is not None:
+        out.print()
+        print_cut_off(out, s.cut_off)
     if s.rejections is not None:
         out.print(f"\n[bold]rejections[/] ({info.row_counts.get('rejections', 0)})")
         if s.rejections.height:
@@ -129,16 +134,23 @@ def sql(query: Optional[str] = typer.Argument(None, help="SQL over the views exa
                                               " <dataset>_v<N>_<table>; none: an interactive prompt"),
         at: Optional[str] = typer.Option(None, "--at", help="dataset version the plain views show: NAME@V, NAME@latest, NAME@TAG"),
         store: Optional[Path] = StoreOption,
-        fmt: str = typer.Option("table", "--format", help="table | csv | json")):
+        fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+        timeout: float = typer.Option(60.0, "--timeout", help="seconds a query may run before it is stopped"),
+        memory_limit: str = typer.Option("50%", "--memory-limit", help="memory a query may use: e.g. 4GB, 50% (of RAM)")):
     """Read-only SQL (DuckDB) over dataset versions; without a query, an interactive prompt."""
+    import store as store_api
+
+    if fmt not in SQL_FORMATS:
+        raise store_api.StoreError(f"unknown --format {fmt!r}: use {', '.join(SQL_FORMATS)}")
     st = open_store(store)
+    limits = {"timeout": timeout, "memory_limit": memory_limit}
     if query is not None:
-        print_arrow(st.sql(query, at=at), fmt)
+        print_arrow(st.sql(query, at=at, **limits), fmt)
         return
-    _repl(st, at, fmt)
+    _repl(st, at, fmt, limits)
 
 
-def _repl(st, at: Optional[str], fmt: str) -> None:
+def _repl(st, at: Optional[str], fmt: str, limits: dict) -> None:
     """Read statements line by line until ';', print each result; `.quit` (or end of input) leaves."""
     import store as store_api
 
@@ -169,12 +181,12 @@ def _repl(st, at: Optional[str], fmt: str) -> None:
             statement = "".join(buffer)
             buffer = []
             try:
-                print_arrow(st.sql(statement, at=at), fmt)
+                print_arrow(st.sql(statement, at=at, **limits), fmt)
             except store_api.StoreError as e:
                 err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
     if buffer and "".join(buffer).strip():
         try:
-            print_arrow(st.sql("".join(buffer), at=at), fmt)
+            print_arrow(st.sql("".join(buffer), at=at, **limits), fmt)
         except store_api.StoreError as e:
             err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
 
@@ -208,13 +220,28 @@ def diff(a: str = typer.Argument(..., help="NAME@A (the older)"), b: str = typer
 
 @app.command()
 def export(ref: str = typer.Argument(..., help="NAME@V"),
-           fmt: str = typer.Option(..., "--format", help="jsonl (chat messages) | parquet | hf (datasets save_to_disk)"),
+           fmt: str = typer.Option(..., "--format", help="jsonl (chat messages) | parquet (every column, token ids and"
+                                   " top-k, plus messages) | hf (datasets save_to_disk: messages)"),
            out_path: Path = typer.Option(..., "--out", help="file (jsonl, parquet) or folder (hf) to write"),
            split: Optional[str] = typer.Option(None, "--split", help="only this split (e.g. train)"),
-           system: Optional[str] = typer.Option(None, "--system", help="jsonl: a system message for every example"),
+           prompt: Optional[str] = typer.Option(None, "--prompt", help="the user turn: student (default: what"
+                                                " `syllabus train` fed the students) | teacher | source (the bare prompt)"),
+           with_meta: bool = typer.Option(False, "--with-meta", help="jsonl, hf: prompt_id, category, split, label,"
+                                          " conf_* and finish_reason beside messages"),
+           system: Optional[str] = typer.Option(None, "--system", help="a system message for every example"
+                                                " (the trainer sent none)"),
+           force: bool = typer.Option(False, "--force", help="replace an existing file (or hf folder) at --out"),
            store: Optional[Path] = StoreOption):
-    """Export a version's examples: JSONL chat messages, Parquet, or a Hugging Face datasets folder."""
-    r = open_store(store).export(ref, fmt, out_path, split=split, system=system)
+    """Export a version's examples as chat (what the students learn from): JSONL, Parquet, or a datasets folder."""
+    from engine.export import chat_turns
+
+    st = open_store(store)
+    info = st.resolve(ref)
+    turns = chat_turns(info, prompt)
+    if turns.note:
+        err.print(f"note: {turns.note}", highlight=False, soft_wrap=True, markup=False)
+    r = st.export(info.ref, fmt, out_path, split=split, user=turns.user, system=system or turns.system,
+                  meta=with_meta, force=force)
     out.print(f"exported {r.ref}: {r.rows} examples as {r.format} -> {r.path}", highlight=False)
 
 
@@ -270,11 +297,18 @@ def verify(store: Optional[Path] = StoreOption):
     out.print(f"ok: {report.files} files, {_size(report.bytes)}, every sha256 matches; catalog ok")
 
 
+SQL_FORMATS = ("table", "csv", "json")
+
+
 def print_arrow(result, fmt: str) -> None:
     import polars as pl
 
     frame = pl.from_arrow(result)
     if fmt == "csv":
+        # CSV has no lists or structs: such cells are written as JSON text.
+        nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+        frame = frame.with_columns(pl.Series(name, [None if v is None else json.dumps(v, default=str, ensure_ascii=False)
+                                                    for v in frame[name].to_list()], pl.String) for name in nested)
         sys.stdout.write(frame.write_csv())
     elif fmt == "json":
         sys.stdout.write(json.dumps(frame.to_dicts(), default=str, ensure_ascii=False) + "\n")

@@ -2,22 +2,20 @@
 
 For each stage: whether its result is cached. Then the teacher calls still to pay
 (exact when the teacher's input can be built from cached or cheap stages, an upper
-bound otherwise) and their estimated time from the teacher's measured speed.
+bound when a skipped stage drops rows, a lower bound when one adds rows or when top-up
+rounds may ask for more) and their estimated time from the teacher's measured speed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.teachers.request_cache import TeacherCache, request_key
 from engine.curate.pipeline import resume_point, stage_keys
-from engine.curate.stage_cache import CACHED_STAGES, StageCache
+from engine.curate.stage_cache import StageCache
 from engine.stages.base import RunContext
 from engine.stages.teach import generation_params, teacher_prompts
 from engine.teachers import teacher_fingerprint
-
-# Stages that may run during planning: they read files and compute in milliseconds.
-CHEAP_STAGES = {"sources", "assign", "augment"}
+from engine.teachers.request_cache import TeacherCache, request_key
 
 # Without a measurement: about 100 tokens/s at batch 8 on two CPU cores (measured here).
 DEFAULT_TOKENS_PER_SECOND = 100.0
@@ -31,17 +29,11 @@ class Plan:
     bound: str = ""  # "", "at most ", "at least " or "roughly ": how exact teacher_calls is
     seconds: float | None = None
     speed_source: str = ""
+    top_up: bool = False  # coverage.augment_until_quota may ask more after selection: counts are lower bounds
 
 
-def _cheap(stage, spec, frame) -> bool:
-    if stage.name == "assign":
-        return spec.coverage.assign != "embedding"
-    if stage.name == "augment":
-        return not any(a.teacher for a in spec.augment)
-    if stage.name == "dedup":  # exact dedup hashes text; semantic dedup is cheap once embeddings are at hand
-        has_vectors = frame is not None and "embedding" in frame.columns
-        return not spec.dedup.against and (not spec.dedup.semantic or has_vectors)
-    return stage.name in CHEAP_STAGES
+# A top-up round adds teacher calls that cannot be known before selection has run.
+LOWER = {"": "at least ", "at least ": "at least ", "at most ": "roughly ", "roughly ": "roughly "}
 
 
 def make_plan(spec, st) -> Plan:
@@ -49,30 +41,33 @@ def make_plan(spec, st) -> Plan:
     cache = StageCache(ctx.cache_dir)
     keyed = stage_keys(spec, st)
     start = resume_point(keyed, cache)
-    plan = Plan()
+    plan = Plan(top_up=bool(spec.coverage and spec.coverage.augment_until_quota))
     for i, (stage, key) in enumerate(keyed):
         if i <= start:
-            status = "cached" if i == start or stage.name in CACHED_STAGES else "cached (record)"
-        elif cache.has_output(key) or cache.has_record(key):
+            status = "cached" if i == start or stage.cached else "cached (record)"
+        elif stage.cached and cache.has_output(key):
             status = "cached, but an earlier stage must run first"
         else:
             status = "to run"
         plan.stages.append((stage.name, status))
-    teach_at = next(i for i, (stage, _) in enumerate(keyed) if stage.name == "teach")
+    teach_at = next(i for i, (stage, _) in enumerate(keyed) if stage.calls_teacher)
     if start >= teach_at:
         plan.teacher_calls, plan.teacher_rows, plan.seconds = 0, None, 0.0
+        plan.bound = LOWER[""] if plan.top_up else ""
         return plan
     frame = cache.load_output(keyed[start][1]) if start >= 0 else None
     skipped_adds = skipped_drops = False
     for stage, _ in keyed[start + 1 : teach_at]:
-        if not _cheap(stage, spec, frame):
+        if not stage.cheap(spec, frame):
             # Skipping a stage that adds rows (teacher rewrites) undercounts; one that drops rows overcounts.
-            skipped_adds |= stage.name == "augment"
-            skipped_drops |= stage.name != "augment"
+            skipped_adds |= stage.adds_rows
+            skipped_drops |= not stage.adds_rows
             continue
         frame, _, _ = stage.run(frame, ctx)
     plan.bound = {(False, False): "", (False, True): "at most ", (True, False): "at least "}.get(
         (skipped_adds, skipped_drops), "roughly ")
+    if plan.top_up:
+        plan.bound = LOWER[plan.bound]
     _count_calls(plan, frame, spec, ctx)
     return plan
 

@@ -9,8 +9,8 @@ stored (their outputs are written once, atomically, under <store>/cache/stages/)
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import inspect
 import json
 import os
 import tempfile
@@ -21,21 +21,64 @@ import polars as pl
 
 import engine
 
-# Worth storing: they call models or search neighbours. The rest re-run in seconds.
-CACHED_STAGES = {"augment", "embed", "dedup", "teach", "confidence", "diversity"}
+# The packages whose source is "our code": a stage's key covers every module of theirs it imports.
+PROJECT_PACKAGES = ("engine", "store")
+PROJECT_ROOT = Path(engine.__file__).resolve().parent.parent
 
 
 @lru_cache(maxsize=None)
 def code_version(stage_class: type) -> str:
-    """The stage's module source: editing a stage invalidates its cached outputs."""
-    source = inspect.getsource(inspect.getmodule(stage_class))
-    return hashlib.sha256(f"{engine.__version__}\n{source}".encode()).hexdigest()[:16]
+    """The code a stage runs: its module and every project module it imports, transitively.
+
+    Editing a helper (answer parsing, a teacher backend, the embedder) invalidates the
+    outputs of every stage that uses it. Modules are hashed by their syntax tree, so a
+    comment or a blank line changes nothing.
+    """
+    h = hashlib.sha256(engine.__version__.encode())
+    for name in sorted(project_imports(stage_class.__module__)):
+        h.update(f"\n{name}\n{_syntax(name)}".encode())
+    return h.hexdigest()[:16]
 
 
-def file_digest(path: Path) -> str:
-    from engine.models import _file_digest
+def project_imports(module: str) -> set[str]:
+    """`module` and the project modules it reaches through imports (lazy ones inside functions too)."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name not in seen and module_path(name) is not None:
+            seen.add(name)
+            todo.extend(_imports(name))
+    return seen
 
-    return _file_digest(path) if path.is_file() else "missing"
+
+def module_path(name: str) -> Path | None:
+    """The file of a project module (`a.b` -> a/b.py or a/b/__init__.py); None for anything else."""
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = PROJECT_ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+@lru_cache(maxsize=None)
+def _imports(name: str) -> tuple[str, ...]:
+    found = set()
+    parts = name.split(".")
+    found.update(".".join(parts[:i]) for i in range(1, len(parts)))  # importing a.b.c runs a and a.b
+    for node in ast.walk(ast.parse(module_path(name).read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
+    return tuple(sorted(found))
+
+
+@lru_cache(maxsize=None)
+def _syntax(name: str) -> str:
+    return ast.dump(ast.parse(module_path(name).read_text()))
 
 
 def stage_key(stage, config, upstream: str) -> str:
@@ -55,7 +98,7 @@ class StageCache:
         return all(p.is_file() for p in self._paths(key))
 
     def has_record(self, key: str) -> bool:
-        """Rejections and stats are kept for every stage, outputs only for CACHED_STAGES."""
+        """Rejections and stats are kept for every stage, outputs only for stages marked `cached`."""
         _, rejected, stats = self._paths(key)
         return rejected.is_file() and stats.is_file()
 

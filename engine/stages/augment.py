@@ -13,6 +13,7 @@ most coverage.augment_cap variations per original.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections import Counter, deque
@@ -23,10 +24,11 @@ from pathlib import Path
 
 import polars as pl
 
-from engine.stages.base import RunContext, prompt_id, rejections
+from engine.stages.base import RunContext, Stage, dump, prompt_id, rejections
 from engine.stages.sources import ROW_SCHEMA
 from engine.stages.teach import ask_teacher
-from engine.templates import load_template, render
+from engine.errors import RenderLimit
+from engine.templates import render, spec_template
 
 EMPTY = "empty variation"
 IDENTICAL = "identical to its parent"
@@ -70,7 +72,8 @@ def template_id(entry, combo: dict, round: int = 0) -> str:
     parts = [f"{name}={value}" for name, value in combo.items()]
     if entry.teacher and round:
         parts.append(f"round={round}")  # the request differs by round, so does the variation
-    name = Path(entry.template).name
+    file = getattr(entry.template, "file", None)
+    name = Path(file).name if file else f"inline-{hashlib.sha256(str(entry.template).encode()).hexdigest()[:8]}"
     return f"{name}#{','.join(parts)}" if parts else name
 
 
@@ -106,6 +109,7 @@ class Candidate:
     text: str
     by_teacher: bool
     max_new_tokens: int | None = None  # the teacher's reply length for this entry (None: teacher's own)
+    problem: str | None = None  # the template could not render for this row (RenderLimit): a bad variation
 
 
 def entries_for(spec, category: str | None) -> list:
@@ -117,20 +121,25 @@ def candidates(parent: dict, entries: list, spec, round: int = 0, extra: int = 0
     row = {name: parent.get(name) for name in ROW_SCHEMA}
     out = []
     for entry in entries:
-        template = load_template(spec.resolve_path(entry.template))
+        template = spec_template(spec, f"augment[{spec.augment.index(entry)}].template", entry.template)
         for combo in combinations(entry, parent["prompt_id"], round, extra):
-            text = render(template, {**row, "round": round, **combo})
-            if entry.teacher and round and text == render(template, {**row, "round": 0, **combo}):
-                text += ASK_AGAIN.format(n=round + 1)
-            out.append(Candidate(parent, template_id(entry, combo, round), text, entry.teacher, entry.max_new_tokens))
+            made_by = template_id(entry, combo, round)
+            try:
+                text = render(template, {**row, "round": round, **combo})
+                if entry.teacher and round and text == render(template, {**row, "round": 0, **combo}):
+                    text += ASK_AGAIN.format(n=round + 1)
+            except RenderLimit as e:
+                out.append(Candidate(parent, made_by, "", False, problem=str(e)))
+                continue
+            out.append(Candidate(parent, made_by, text, entry.teacher, entry.max_new_tokens))
     return out
 
 
 def ask_for_rewrites(cands: list[Candidate], ctx: RunContext, label: str) -> tuple[list[str], list[str | None], int]:
     """The new prompt of each candidate: its rendered text, or the teacher's cleaned reply (one batch).
 
-    Returns (texts, problems, teacher calls): a reply that used every allowed token was cut
-    off mid-sentence, so its problem is CUT_OFF (it would be a truncated prompt).
+    Returns (texts, problems, teacher calls): a reply that hit its token limit was cut off
+    mid-sentence, so its problem is CUT_OFF (it would be a truncated prompt).
     """
     default_limit = ctx.spec.teacher.generation.max_new_tokens
     replies, calls = {}, 0
@@ -144,13 +153,21 @@ def ask_for_rewrites(cands: list[Candidate], ctx: RunContext, label: str) -> tup
     for i, cand in enumerate(cands):
         if not cand.by_teacher:
             texts.append(cand.text)
-            problems.append(None)
+            problems.append(cand.problem)
             continue
         reply, limit = replies[i], cand.max_new_tokens or default_limit
-        tokens = getattr(reply, "token_ids", None)
         texts.append(clean_rewrite(reply.text))
-        problems.append(CUT_OFF if tokens is not None and len(tokens) >= limit else None)
+        problems.append(CUT_OFF if _cut_off(reply, limit) else None)
     return texts, problems, calls
+
+
+def _cut_off(reply, limit: int) -> bool:
+    """The reply hit its token limit: by the backend's finish_reason, else (older answers) by its length."""
+    reason = getattr(reply, "finish_reason", None)
+    if reason:
+        return reason == "length"
+    tokens = getattr(reply, "token_ids", None)
+    return tokens is not None and len(tokens) >= limit
 
 
 def variation_row(candidate: Candidate, text: str, columns) -> dict:
@@ -173,10 +190,27 @@ def flaw(text: str, parent: dict) -> str | None:
 
 # --- the stage ---------------------------------------------------------------------
 
-class Augment:
+class Augment(Stage):
     """Originals followed each by its variations; empty or unchanged variations are rejected."""
 
     name = "augment"
+    order = 30
+    cached = True
+    adds_rows = True
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return bool(spec.augment)
+
+    def cache_slice(self, spec, store):
+        from engine.teachers import teacher_fingerprint
+
+        by_teacher = any(a.teacher for a in spec.augment)
+        teacher = [dump(spec.teacher), teacher_fingerprint(spec.teacher)] if by_teacher else None
+        return [[dump(a) for a in spec.augment], teacher]  # a template's text is part of its entry
+
+    def cheap(self, spec, frame) -> bool:
+        return not any(a.teacher for a in spec.augment)
 
     def run(self, frame: pl.DataFrame, ctx: RunContext):
         spec = ctx.spec

@@ -10,11 +10,9 @@ import hashlib
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import polars as pl
-
-from engine.errors import StageError
 
 REJECTION_SCHEMA = {
     "prompt_id": pl.String,
@@ -42,10 +40,73 @@ class RunContext:
     rejected: list = field(default_factory=list)  # rejection frames of the stages run so far
 
 
-class Stage(Protocol):
-    name: str
+class Stage:
+    """A pipeline step. Subclasses declare what the pipeline needs to know of them.
 
-    def run(self, frame: pl.DataFrame, ctx: RunContext) -> tuple[pl.DataFrame, pl.DataFrame, dict]: ...
+    Adding a stage is one module in engine/stages/ with one subclass: the pipeline finds
+    it (engine.stages.all_stages), orders it by `order`, asks `wanted(spec)` whether the
+    spec uses it, and keys its cache by `cache_slice` plus the code it runs.
+    """
+
+    name: ClassVar[str]
+    order: ClassVar[int]  # position in the pipeline: stages run in ascending order
+    cached: ClassVar[bool] = False  # store the output: it calls models or searches neighbours
+    calls_teacher: ClassVar[bool] = False  # the stage whose calls `plan` counts
+    adds_rows: ClassVar[bool] = False  # for plan: skipping it undercounts (otherwise it overcounts)
+    # coverage.augment_until_quota: "new_rows" stages process each round's new variations
+    # (against what is kept so far); "pool" stages re-run over the whole pool after each round.
+    top_up: ClassVar[str | None] = None
+
+    _registry: ClassVar[dict[str, type["Stage"]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            Stage._registry[cls.name] = cls
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        """Whether the spec asks for this stage."""
+        return True
+
+    def cache_slice(self, spec, store) -> object:
+        """The slice of the spec (and of the files and versions it names) that the output depends on."""
+        raise NotImplementedError
+
+    def cheap(self, spec, frame) -> bool:
+        """Whether `plan` may run it: milliseconds, no model (frame: the input plan has at hand, or None)."""
+        return False
+
+    def run(self, frame: pl.DataFrame, ctx: RunContext) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+        raise NotImplementedError
+
+    def run_new_rows(self, batch: pl.DataFrame, kept: pl.DataFrame, ctx: RunContext):
+        """A top-up round's new rows through this stage; `kept` is every row kept so far."""
+        return self.run(batch, ctx)
+
+
+# --- what a cache slice is made of ------------------------------------------------------
+
+def dump(model) -> object:
+    """A spec section as plain JSON values (None stays None)."""
+    return None if model is None else model.model_dump(mode="json", by_alias=True)
+
+
+def file_digests(spec, paths) -> dict:
+    """The content of files a spec section names: editing a template re-runs its stage."""
+    from engine.models import file_digest
+
+    digests = {}
+    for p in paths:
+        if p:
+            path = spec.resolve_path(p)
+            digests[p] = file_digest(path) if path.is_file() else "missing"
+    return digests
+
+
+def pinned(store, ref: str | None) -> str | None:
+    """NAME@latest pins to a number: a new version of an input re-runs the stage."""
+    return store.resolve(ref).ref if ref else None
 
 
 def normalise_prompt(text: str) -> str:

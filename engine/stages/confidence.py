@@ -19,7 +19,7 @@ import polars as pl
 
 from engine.models import load_tokenizer
 from engine.spec import CONFIDENCE_MEASURES
-from engine.stages.base import RunContext, no_rejections
+from engine.stages.base import RunContext, Stage, dump, no_rejections
 
 
 def answer_start(tokenizer, ids: list[int], marker: str | None) -> int:
@@ -55,12 +55,20 @@ def row_measures(token_lp: np.ndarray, top_lp: np.ndarray, answer_from: int, eos
     }
 
 
-class Confidence:
+class Confidence(Stage):
     name = "confidence"
+    order = 70
+    cached = True
+    top_up = "new_rows"
+
+    def cache_slice(self, spec, store):
+        from engine.teachers import teacher_fingerprint
+
+        return [dump(spec.teacher.reasoning), teacher_fingerprint(spec.teacher)]
 
     def run(self, frame: pl.DataFrame, ctx: RunContext):
         spec = ctx.spec
-        tokenizer = load_tokenizer(spec.teacher.model)
+        tokenizer = load_tokenizer(spec.teacher.local_model)  # an openai teacher: its `tokenizer:`
         marker = spec.teacher.reasoning.answer_marker if spec.teacher.reasoning else None
         eos = tokenizer.eos_token_id
         measures = []

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import polars as pl
 
-from engine.stages.base import RunContext, rejections
+from engine.stages.base import RunContext, Stage, dump, rejections
 
 UNCATEGORISED = "uncategorised"
 
@@ -77,10 +77,28 @@ def by_similarity(similarity: np.ndarray, names: list[str], floor: float) -> tup
     return categories, reasons
 
 
-class Assign:
+class Assign(Stage):
     """Fill `category` from coverage.assign; reject rows that fit no category."""
 
     name = "assign"
+    order = 20
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return spec.coverage is not None
+
+    def cache_slice(self, spec, store):
+        from engine.models import fingerprint
+
+        # Only what decides a row's category: quotas are select's business, so changing one re-runs select alone.
+        cov = spec.coverage
+        rules = {name: [c.describe, c.keywords] for name, c in cov.categories.items()}
+        by_embedding = cov.assign == "embedding"
+        return [cov.assign, cov.similarity_floor, rules,
+                [dump(spec.embed), fingerprint(spec.embed.model)] if by_embedding else None]
+
+    def cheap(self, spec, frame) -> bool:
+        return spec.coverage.assign != "embedding"
 
     def run(self, frame: pl.DataFrame, ctx: RunContext):
         coverage = ctx.spec.coverage

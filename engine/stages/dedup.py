@@ -33,7 +33,15 @@ import numpy as np
 import polars as pl
 
 from engine.embedder import embed_texts
-from engine.stages.base import RunContext, StageError, no_rejections, rejections
+from engine.errors import StageError
+from engine.stages.base import (
+    RunContext,
+    Stage,
+    dump,
+    no_rejections,
+    pinned,
+    rejections,
+)
 from engine.stages.embed import embedding_matrix
 from store import StoreError
 
@@ -183,8 +191,29 @@ class Verdicts:
         return order[~self.dropped[order]]
 
 
-class Dedup:
+class Dedup(Stage):
     name = "dedup"
+    order = 50
+    cached = True
+    top_up = "new_rows"
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return bool(spec.dedup.exact or spec.dedup.semantic or spec.dedup.against)
+
+    def cache_slice(self, spec, store):
+        return [dump(spec.dedup), pinned(store, spec.dedup.against)]
+
+    def cheap(self, spec, frame) -> bool:
+        # Exact dedup hashes text; semantic dedup is cheap once the embeddings are at hand.
+        has_vectors = frame is not None and "embedding" in frame.columns
+        return not spec.dedup.against and (not spec.dedup.semantic or has_vectors)
+
+    def run_new_rows(self, batch: pl.DataFrame, kept: pl.DataFrame, ctx: RunContext):
+        """New rows that repeat a kept row (or each other) are dropped; kept rows are never dropped."""
+        pool = pl.concat([kept.select(batch.columns), batch], how="vertical_relaxed")  # kept rows win: they come first
+        survivors, dropped, stats = self.run(pool, ctx)
+        return batch.filter(pl.col("prompt_id").is_in(survivors["prompt_id"].implode())), dropped, stats
 
     def run(self, frame: pl.DataFrame, ctx: RunContext):
         settings = ctx.spec.dedup

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from engine.stages.base import RunContext, no_rejections
+from engine.stages.base import RunContext, Stage, dump, no_rejections
 from engine.stages.embed import embedding_matrix
 
 KMEANS_ITERATIONS = 20
@@ -36,8 +36,18 @@ def kmeans_clusters(vectors: np.ndarray, clusters: int, seed: int) -> np.ndarray
     return renumber[raw]
 
 
-class Diversity:
+class Diversity(Stage):
     name = "diversity"
+    order = 90
+    cached = True
+    top_up = "pool"
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return spec.diversity is not None
+
+    def cache_slice(self, spec, store):
+        return dump(spec.diversity)
 
     def run(self, frame: pl.DataFrame, ctx: RunContext):
         settings = ctx.spec.diversity

@@ -10,9 +10,14 @@ import numpy as np
 import polars as pl
 
 from engine.embedder import embed_texts
-from engine.stages.base import RunContext, StageError, no_rejections
+from engine.errors import StageError
+from engine.stages.base import RunContext, Stage, dump, no_rejections
 
 COLUMN = "embedding"
+
+
+def needs_embeddings(spec) -> bool:
+    return bool(spec.dedup.semantic or spec.diversity)
 
 
 def with_embeddings(frame: pl.DataFrame, vectors: np.ndarray) -> pl.DataFrame:
@@ -36,8 +41,20 @@ def embedding_matrix(frame: pl.DataFrame, ctx: RunContext) -> np.ndarray:
     return np.ascontiguousarray(frame[COLUMN].to_numpy(), dtype=np.float32)
 
 
-class Embed:
+class Embed(Stage):
     name = "embed"
+    order = 40
+    cached = True
+    top_up = "new_rows"
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return needs_embeddings(spec)
+
+    def cache_slice(self, spec, store):
+        from engine.models import fingerprint
+
+        return [dump(spec.embed), fingerprint(spec.embed.model)]
 
     def run(self, frame: pl.DataFrame, ctx: RunContext):
         counters = ctx.counters

@@ -1,21 +1,50 @@
 """Mine: keep the rows whose confidence lies in the band, plus a seeded share of the rest.
 
+With `truncated: drop`, answers cut off at max_new_tokens go first, whatever their confidence:
+a student would learn to stop mid-sentence.
+
 The share outside the band is exact: round(outside_band_keep * n_outside) rows, chosen
 by a seeded hash of prompt_id, so the same spec always keeps the same rows.
+
+Mining decides over train and val only: the test split was drawn before the teacher
+answered (engine.stages.split), and its rows pass through untouched, whatever their
+confidence, so evaluation never sees rows the teacher's confidence chose.
 """
 
 from __future__ import annotations
 
 import polars as pl
 
-from engine.stages.base import RunContext, rejections, seeded_unit
+from engine.stages.base import RunContext, Stage, dump, rejections, seeded_unit
+from engine.stages.split import is_test
 
 
-class Mine:
+class Mine(Stage):
     name = "mine"
+    order = 80
+    top_up = "pool"
+
+    def cache_slice(self, spec, store):
+        return dump(spec.mining)
 
     def run(self, frame: pl.DataFrame, ctx: RunContext):
         mining = ctx.spec.mining
+        test = is_test(frame)
+        untouched, frame = frame.filter(test), frame.filter(~test)
+        cut = (pl.col("finish_reason") == "length").fill_null(False) if mining.truncated == "drop" else pl.lit(False)
+        cut_off, frame = frame.filter(cut), frame.filter(~cut)
+        kept, dropped, stats = self._band(frame, mining)
+        if cut_off.height:
+            limit = ctx.spec.teacher.generation.max_new_tokens
+            cut_reason = f"answer cut off at max_new_tokens {limit} (mining.truncated: drop)"
+            dropped = pl.concat([rejections(cut_off, self.name, cut_reason), dropped])
+        kept = pl.concat([kept, untouched], how="diagonal_relaxed").sort("prompt_id")
+        stats = {**stats, "rows": stats["rows"] + cut_off.height, "cut_off": cut_off.height}
+        if "split" in frame.columns:  # the rows have their split (in a run, always): say what test kept
+            stats["test_untouched"] = untouched.height
+        return kept, dropped, stats
+
+    def _band(self, frame: pl.DataFrame, mining):
         lo, hi = mining.band
         column = f"conf_{mining.confidence}"
         score = pl.col(column)

@@ -15,11 +15,13 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import polars as pl
 
-from engine.stages.base import REJECTION_SCHEMA, RunContext, rejections, seeded_unit
+from engine.stages.base import REJECTION_SCHEMA, RunContext, Stage, dump, rejections, seeded_unit
+from engine.stages.split import is_test
 
 # Stages whose drops happen before a category's rows are counted as made (sources/augment),
-# or that are this one: they are not losses a shortfall can blame.
-NOT_LOSSES = {"sources", "assign", "augment", "select"}
+# that are this one, or that only keep top-up rows out of the test split: not losses a
+# shortfall can blame.
+NOT_LOSSES = {"sources", "assign", "augment", "select", "split"}
 LOSS_NAMES = {"dedup": "too many duplicates", "mine": "too few in band"}
 
 
@@ -99,8 +101,10 @@ def shortfalls(frame: pl.DataFrame, coverage, rejected: pl.DataFrame | list[pl.D
 
     frame: the rows selection chooses from (after dedup and mining); rejected: the rejections
     so far (ctx.rejected). A category's rows made by sources and augmentation are counted as
-    the rows it has plus those the later stages dropped.
+    the rows it has plus those the later stages dropped. Test rows count for nothing: quotas
+    are on train and val.
     """
+    frame = frame.filter(~is_test(frame))
     counts = dict(frame.filter(pl.col("category").is_not_null()).group_by("category").len().iter_rows())
     losses = downstream_losses(rejected)
     out = {}
@@ -113,16 +117,28 @@ def shortfalls(frame: pl.DataFrame, coverage, rejected: pl.DataFrame | list[pl.D
     return out
 
 
-class Select:
+class Select(Stage):
     """Keep each category's quota of rows, round robin across clusters; report shortfalls."""
 
     name = "select"
+    order = 100
+    top_up = "pool"
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return spec.coverage is not None
+
+    def cache_slice(self, spec, store):
+        return [dump(spec.coverage), dump(spec.diversity)]
 
     def run(self, frame: pl.DataFrame, ctx: RunContext):
         coverage = ctx.spec.coverage
         diversity = getattr(ctx.spec, "diversity", None)
         seed = diversity.seed if diversity else 0
-        rows = frame.with_row_index("_row")
+        everything = frame.with_row_index("_row")
+        test = is_test(frame)
+        untouched = everything.filter(test)["_row"].to_list()  # test rows: not for quotas to decide
+        rows = everything.filter(~test)
         known = pl.col("category").is_in(list(coverage.categories))
         unknown = rows.filter(~known | pl.col("category").is_null())
         reasons = [f"category {c!r} is not in coverage.categories" if c is not None else "no category"
@@ -144,15 +160,17 @@ class Select:
             keep_rows.extend(picked)
             per_category[name] = {"quota": q.keep, "have": members.height, "kept": len(picked)}
 
-        kept = rows.filter(pl.col("_row").is_in(keep_rows)).drop("_row")
+        kept = everything.filter(pl.col("_row").is_in(keep_rows + untouched)).drop("_row")
         dropped = pl.concat([unknown.drop("_row").with_columns(_reason=pl.Series(reasons, dtype=pl.String))]
                             + [d.drop("_row").with_columns(_reason=pl.lit(r)) for d, r in over])
         stats = {
-            "rows": frame.height,
-            "kept": kept.height,
+            "rows": rows.height,
+            "kept": kept.height - len(untouched),
             "over_quota": sum(d.height for d, _ in over),
             "unknown_category": unknown.height,
             "categories": per_category,
-            "shortfall": shortfalls(frame, coverage, ctx.rejected),
+            "shortfall": shortfalls(rows, coverage, ctx.rejected),
         }
+        if "split" in frame.columns:  # the rows have their split (in a run, always): say what test kept
+            stats["test_untouched"] = len(untouched)
         return kept, rejections(dropped.drop("_reason"), self.name, dropped["_reason"]), stats

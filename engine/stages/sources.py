@@ -1,9 +1,12 @@
-"""Sources: prompts from JSONL, CSV, Parquet and text files, inline lists, and store versions.
+"""Sources: prompts from JSONL, CSV, Parquet and text files, `datasets` folders, inline lists, and store versions.
 
 Every source becomes rows with a stable prompt_id. Malformed rows (bad JSON, missing or
 empty text, not UTF-8, text over max_chars) are collected with their line and reason:
 up to the source's `max_bad_rows` they go to `rejections` and the run goes on; beyond it
 the run stops before any teacher call, with one line listing the first few.
+
+A `datasets` folder (Dataset or DatasetDict.save_to_disk; `split:` picks one split) is read
+as an Arrow table, like Parquet: its bad rows are named by row number.
 
 Text files and inline lists have no columns: each line or item is a prompt, and
 `category:` names the category of every row instead of a column.
@@ -15,13 +18,25 @@ import csv
 import hashlib
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import polars as pl
 
-from engine.stages.base import REJECTION_SCHEMA, RunContext, StageError, prompt_id, rejections
+from engine.errors import StageError
+from engine.spec import NOT_DATASETS, datasets_layout, datasets_split
+from engine.stages.base import (
+    REJECTION_SCHEMA,
+    RunContext,
+    Stage,
+    dump,
+    file_digests,
+    pinned,
+    prompt_id,
+    rejections,
+)
 
 ROW_SCHEMA = {
     "prompt_id": pl.String,
@@ -43,7 +58,7 @@ COLUMNLESS_FORMATS = ("text", "inline")
 class Record:
     """One raw row of a source: its fields, or why they could not be read."""
 
-    where: str  # "line 4" in a text file, "row 4" in Parquet or a store version, "item 4" inline
+    where: str  # "line 4" in a text file, "row 4" in Parquet, a datasets folder or a store version, "item 4" inline
     raw: bytes  # the row as read: a rejection shows it and hashes it
     fields: dict | None = None
     problem: str | None = None
@@ -96,6 +111,12 @@ def _records_jsonl(path: Path, src) -> Iterator[Record]:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
                 yield Record(where, raw, problem=f"invalid JSON ({e.msg})")
+                continue
+            except ValueError:  # json reads integers through int(), which has a length limit
+                yield Record(where, raw, problem=f"invalid JSON (an integer over {sys.get_int_max_str_digits()} digits)")
+                continue
+            except RecursionError:
+                yield Record(where, raw, problem="invalid JSON (nested too deeply)")
                 continue
             if isinstance(value, dict):
                 yield Record(where, raw, fields=value)
@@ -156,13 +177,58 @@ def _records_parquet(path: Path, src) -> Iterator[Record]:
         parquet = pq.ParquetFile(path)
         _require_columns(src, parquet.schema_arrow.names, str(path))
         columns = _mapped_columns(src, parquet.schema_arrow.names)
-        number = 0
-        for batch in parquet.iter_batches(columns=columns, batch_size=4096):
-            for fields in batch.to_pylist():
-                number += 1
-                yield Record(f"row {number}", _raw_of(fields), fields=fields)
+        yield from _batch_records(parquet.iter_batches(columns=columns, batch_size=4096))
     except (pa.ArrowException, OSError) as e:
         raise StageError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+
+
+def _records_datasets(path: Path, src) -> Iterator[Record]:
+    if datasets_layout(path) is None:
+        raise StageError(f"{path} {NOT_DATASETS}" if path.is_dir() else
+                         f"{path}: format datasets needs a folder written by save_to_disk, not a file")
+    try:
+        split = datasets_split(path, src.split)
+    except ValueError as e:
+        raise StageError(f"{path}: {e}") from None
+    try:
+        import datasets  # here, not at the top: it takes a second to import and most specs never need it
+    except ImportError:
+        raise StageError(f"{path}: reading a datasets folder needs the `datasets` package (pip install datasets)") from None
+    import pyarrow as pa
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+        dataset = dataset[split] if split else dataset
+        table = dataset.data.table  # memory-mapped Arrow: no copy (save_to_disk wrote any selection out flat)
+        _require_columns(src, table.column_names, str(path))
+        table = _class_names(table.select(_mapped_columns(src, table.column_names)), dataset.features, src)
+    except (pa.ArrowException, OSError, ValueError, KeyError) as e:
+        raise StageError(f"{path}: not a readable datasets folder ({_first_line(e)})") from None
+    yield from _batch_records(table.to_batches(max_chunksize=4096))
+
+
+def _class_names(table, features, src):
+    """A ClassLabel column stores class ids; as a category or gold label the spec means the names (-1: none)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for column in dict.fromkeys(c for c in (src.category, src.label) if c):
+        feature = features.get(column)
+        if isinstance(feature, datasets.ClassLabel):
+            ids = table[column]
+            names = pa.array(feature.names, pa.string()).take(pc.if_else(pc.less(ids, 0), pa.scalar(None, ids.type), ids))
+            table = table.set_column(table.column_names.index(column), column, names)
+    return table
+
+
+def _batch_records(batches) -> Iterator[Record]:
+    """Records of Arrow record batches, numbered by row: a table has no lines."""
+    number = 0
+    for batch in batches:
+        for fields in batch.to_pylist():
+            number += 1
+            yield Record(f"row {number}", _raw_of(fields), fields=fields)
 
 
 def _records_store(src, store, name: str) -> Iterator[Record]:
@@ -276,17 +342,19 @@ def read_source(src, *, path: Path | None = None, store=None, index: int = 0) ->
     kind = _kind(src)
     if kind in ("inline", "text") and src.label:
         raise StageError(f"{name}: label: a {kind} source has no columns to take a label from")
-    records = _records(src, kind, path, store, name)
     read, seen_columns = SourceRead(name), {}
-    for record in records:
-        seen_columns.update(dict.fromkeys(record.fields or ()))
-        row = record.problem or _to_row(src, record)
-        if isinstance(row, str):
-            read.bad.append(BadRow(record.where, row, record.raw))
-            continue
-        read.rows.append(row)
-        if src.limit is not None and len(read.rows) >= src.limit:
-            break
+    try:
+        for record in _records(src, kind, path, store, name):
+            seen_columns.update(dict.fromkeys(record.fields or ()))
+            row = record.problem or _to_row(src, record)
+            if isinstance(row, str):
+                read.bad.append(BadRow(record.where, row, record.raw))
+                continue
+            read.rows.append(row)
+            if src.limit is not None and len(read.rows) >= src.limit:
+                break
+    except OSError as e:  # a folder, a name too long for the OS, no permission: one line, not a traceback
+        raise StageError(f"{name}: cannot read the source ({e.strerror or e})") from None
     if kind == "jsonl" and seen_columns:
         _require_columns(src, seen_columns, name)  # no header: a column no row has is a typo in the spec
     return read
@@ -297,8 +365,10 @@ def _records(src, kind: str, path: Path | None, store, name: str) -> Iterator[Re
         return _records_inline(src)
     if kind == "store":
         return _records_store(src, store, name)
-    if path is None or not path.is_file():
+    if path is None or not path.exists():  # a folder is there, but unreadable: said by the caller
         raise StageError(f"{path or src.path}: no such source file")
+    if kind == "datasets":  # a folder: its size says nothing
+        return _records_datasets(path, src)
     if path.stat().st_size == 0:
         raise StageError(f"{path}: source file is empty")
     readers = {"jsonl": _records_jsonl, "csv": _records_csv, "parquet": _records_parquet, "text": _records_text}
@@ -332,8 +402,27 @@ def _preview(raw: bytes) -> str:
     return text if len(text) <= RAW_PREVIEW_CHARS else text[: RAW_PREVIEW_CHARS - 1] + "…"
 
 
-class Sources:
+def _content_digest(spec, src) -> dict:
+    """What a source's rows are read from: its file, or every file of its datasets folder."""
+    if src.source_format != "datasets":
+        return file_digests(spec, [src.path])
+    from engine.models import (
+        folder_digest,  # the model fingerprint's: each file, by content
+    )
+
+    folder = spec.resolve_path(src.path)
+    return {src.path: folder_digest(folder) if folder.is_dir() else "missing"}
+
+
+class Sources(Stage):
     name = "sources"
+    order = 10
+
+    def cache_slice(self, spec, store):
+        return [[dump(s), _content_digest(spec, s), pinned(store, s.from_)] for s in spec.sources]
+
+    def cheap(self, spec, frame) -> bool:
+        return True
 
     def run(self, frame: pl.DataFrame | None, ctx: RunContext):
         spec = ctx.spec

@@ -12,22 +12,39 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from engine.errors import RenderLimit
+from engine.progress import progress_bar
+from engine.stages.base import RunContext, Stage, dump, rejections
+from engine.teachers import load_teacher, teacher_fingerprint
 from engine.teachers.answers import split_answer
 from engine.teachers.arrow import list_column, nested_list_column
 from engine.teachers.request_cache import TeacherCache, request_key
-from engine.progress import progress_bar
-from engine.stages.base import RunContext, no_rejections
-from engine.teachers import load_teacher, teacher_fingerprint
-from engine.templates import load_template, render
+from engine.templates import render, spec_template
+
+
+def render_teacher_prompts(frame: pl.DataFrame, spec) -> tuple[list[str | None], list[str | None]]:
+    """What the teacher is asked: the row through teacher.prompt, plus the reasoning suffix.
+
+    Returns (prompts, problems): a row whose render runs past its limits has no prompt and
+    its problem instead (a bad row, naming the template and line).
+    """
+    template = spec_template(spec, "teacher.prompt", spec.teacher.prompt) if spec.teacher.prompt else None
+    suffix = spec.teacher.reasoning.suffix if spec.teacher.reasoning else ""
+    rows = frame.drop("embedding", strict=False).to_dicts()  # 384 floats a row are no template's business
+    prompts, problems = [], []
+    for row in rows:
+        try:
+            prompts.append((render(template, row) if template else row["prompt"]) + suffix)
+            problems.append(None)
+        except RenderLimit as e:
+            prompts.append(None)
+            problems.append(str(e))
+    return prompts, problems
 
 
 def teacher_prompts(frame: pl.DataFrame, spec) -> list[str]:
-    """What the teacher is asked: the row through teacher.prompt, plus the reasoning suffix."""
-    template = load_template(spec.resolve_path(spec.teacher.prompt)) if spec.teacher.prompt else None
-    suffix = spec.teacher.reasoning.suffix if spec.teacher.reasoning else ""
-    rows = frame.drop("embedding", strict=False).to_dicts()  # 384 floats a row are no template's business
-    texts = [render(template, row) if template else row["prompt"] for row in rows]
-    return [text + suffix for text in texts]
+    """The prompts the teacher will be sent for these rows (rows that cannot render are left out)."""
+    return [p for p in render_teacher_prompts(frame, spec)[0] if p is not None]
 
 
 def generation_params(spec, max_new_tokens: int | None = None) -> dict:
@@ -42,8 +59,9 @@ def ask_teacher(ctx: RunContext, prompts: list[str], label: str = "teach", *,
                 max_new_tokens: int | None = None) -> tuple[list, int]:
     """The teacher's output for each prompt, from the cache where it is there.
 
-    Returns (outputs in prompt order, number of new teacher calls). Fresh answers are
-    committed to the cache every few batches, so an interrupt loses at most one chunk.
+    Returns (outputs in prompt order, number of new teacher calls). Each batch of fresh
+    answers is committed to the cache as soon as it is answered, so an interrupt loses
+    at most the batch in flight.
     """
     spec = ctx.spec
     fingerprint = teacher_fingerprint(spec.teacher)
@@ -68,16 +86,21 @@ def _generate(todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache,
         ctx.teacher = load_teacher(ctx.spec.teacher)
         ctx.counters["teacher_load_seconds"] = time.perf_counter() - began
     answers = {}
+    # Prompts go to the teacher a few batches at a time (it sorts each chunk by length to
+    # limit padding); every answered batch is committed at once.
     chunk = ctx.spec.teacher.batch_size * 4
     with progress_bar(ctx.progress) as bar:
         task = bar.add_task(label, total=len(todo))
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
+
+            def commit(indices, outputs, part=part):
+                cache.put_many({part[i][0]: o for i, o in zip(indices, outputs)})
+                bar.advance(task, len(indices))
+
             began = time.perf_counter()
-            outs = ctx.teacher.generate([p for _, p in part], on_batch=lambda n: bar.advance(task, n),
-                                        max_new_tokens=max_new_tokens)
+            outs = ctx.teacher.generate([p for _, p in part], on_batch=commit, max_new_tokens=max_new_tokens)
             fresh = {k: o for (k, _), o in zip(part, outs)}
-            cache.put_many(fresh)
             seconds = time.perf_counter() - began
             cache.record_speed(ctx.teacher.fingerprint, len(part), sum(len(o.token_ids) for o in outs), seconds)
             ctx.counters["teacher_seconds"] = ctx.counters.get("teacher_seconds", 0.0) + seconds
@@ -85,16 +108,40 @@ def _generate(todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache,
     return answers
 
 
-class Teach:
+def finish_reasons(outputs, spec) -> list[str]:
+    """Each answer's finish_reason; answers cached before it was kept get it from their last token."""
+    if all(o.finish_reason for o in outputs):
+        return [o.finish_reason for o in outputs]
+    from engine.models import load_tokenizer
+
+    eos = load_tokenizer(spec.teacher.local_model).eos_token_id
+    return [o.finish_reason or ("stop" if len(o.token_ids) and o.token_ids[-1] == eos else "length")
+            for o in outputs]
+
+
+class Teach(Stage):
     name = "teach"
+    order = 60
+    cached = True
+    calls_teacher = True
+    top_up = "new_rows"
+
+    def cache_slice(self, spec, store):
+        return [dump(spec.teacher), teacher_fingerprint(spec.teacher)]  # the prompt template's text is in dump
 
     def run(self, frame: pl.DataFrame, ctx: RunContext):
         spec = ctx.spec
-        prompts = teacher_prompts(frame, spec)
+        prompts, problems = render_teacher_prompts(frame, spec)
+        rendered = pl.Series([p is not None for p in prompts], dtype=pl.Boolean)
+        bad = frame.filter(~rendered)
+        frame, prompts = frame.filter(rendered), [p for p in prompts if p is not None]
         outputs, calls = ask_teacher(ctx, prompts)
         stats = {"rows": frame.height, "cached": frame.height - calls, "teacher_calls": calls,
-                 "generated_tokens": int(sum(len(o.token_ids) for o in outputs))}
-        return self._attach(frame, prompts, outputs, spec), no_rejections(), stats
+                 "generated_tokens": int(sum(len(o.token_ids) for o in outputs)), "render_limit": bad.height,
+                 # chosen tokens a server returned as text no single id renders: stored as -1, never guessed
+                 "unmapped_tokens": int(sum(int((o.token_ids < 0).sum()) for o in outputs))}
+        dropped = rejections(bad, self.name, pl.Series([p for p in problems if p is not None], dtype=pl.String))
+        return self._attach(frame, prompts, outputs, spec), dropped, stats
 
     @staticmethod
     def _attach(frame: pl.DataFrame, prompts: list[str], outputs, spec) -> pl.DataFrame:
@@ -112,6 +159,7 @@ class Teach:
                 response=pl.Series([o.text for o in outputs], dtype=pl.String),
                 reasoning=pl.Series([r for r, _ in split], dtype=pl.String),
                 answer=pl.Series([a for _, a in split], dtype=pl.String),
+                finish_reason=pl.Series(finish_reasons(outputs, spec), dtype=pl.String),
             ),
             pl.from_arrow(tokens),
         ], how="horizontal")

@@ -7,6 +7,8 @@ the raw T=1 distribution (what the trainer distils from).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -20,20 +22,39 @@ class TeacherOutput:
     token_logprobs: np.ndarray  # float32 [n]: log p(chosen token) at T=1
     topk_ids: np.ndarray  # int32 [n, k], most probable first
     topk_logprobs: np.ndarray  # float16 [n, k], raw T=1 log-probs
+    finish_reason: str | None = None  # "stop": ended by itself (eos); "length": hit max_new_tokens
+    # Tokens a server named that the teacher's tokenizer could not map to one id (backend openai):
+    # a chosen one is stored as id -1, an alternative as an absent top-k slot (-inf). Not cached.
+    unmapped_tokens: int = 0
 
 
 class Teacher(Protocol):
     fingerprint: str  # identity of weights + backend, recorded in lineage and cache keys
     tokenizer: object
 
-    def generate(self, prompts: list[str], on_batch: Callable[[int], None] | None = None,
-                 max_new_tokens: int | None = None) -> list[TeacherOutput]: ...
+    def generate(self, prompts: list[str], on_batch: Callable[[list[int], list[TeacherOutput]], None] | None = None,
+                 max_new_tokens: int | None = None) -> list[TeacherOutput]:
+        """One output per prompt, in order; on_batch(indices into prompts, their outputs) after each batch."""
 
 
 def teacher_fingerprint(spec_teacher) -> str:
-    """Backend + weights identity, known without loading the model."""
+    """Backend + weights identity, known without loading the model (nor reaching a server).
+
+    backend openai: the server's host and path, the served model's name and the tokenizer that
+    maps its tokens to ids; never the key (nor the variable holding it, nor the URL's scheme).
+    """
     from engine.models import fingerprint
 
+    if spec_teacher.backend == "openai":
+        from urllib.parse import urlsplit
+
+        url = urlsplit(spec_teacher.base_url)
+        where = f"{url.hostname}{f':{url.port}' if url.port else ''}{url.path.rstrip('/')}"
+        found = f"openai:{where}/{spec_teacher.model}+tokenizer:{fingerprint(spec_teacher.tokenizer)}"
+        if spec_teacher.extra_body:  # a server's own sampling options change its answers
+            extra = json.dumps(spec_teacher.extra_body, sort_keys=True, ensure_ascii=False)
+            found += f"+extra:{hashlib.sha256(extra.encode()).hexdigest()[:16]}"
+        return found
     return f"{spec_teacher.backend}:{fingerprint(spec_teacher.model)}"
 
 
@@ -42,4 +63,8 @@ def load_teacher(spec_teacher) -> Teacher:
         from engine.teachers.transformers_backend import TransformersTeacher
 
         return TransformersTeacher(spec_teacher)
+    if spec_teacher.backend == "openai":
+        from engine.teachers.openai_backend import OpenAITeacher
+
+        return OpenAITeacher(spec_teacher)
     raise ValueError(f"unknown teacher backend {spec_teacher.backend!r}")

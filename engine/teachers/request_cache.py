@@ -29,8 +29,11 @@ class TeacherCache:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT, k INTEGER,"
-            " token_ids BLOB, token_logprobs BLOB, topk_ids BLOB, topk_logprobs BLOB)"
+            " token_ids BLOB, token_logprobs BLOB, topk_ids BLOB, topk_logprobs BLOB, finish_reason TEXT)"
         )
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(answers)")}
+        if "finish_reason" not in columns:  # a cache written before answers kept it: theirs is NULL, derived later
+            self.db.execute("ALTER TABLE answers ADD COLUMN finish_reason TEXT")
         # Measured generation speed, so `plan` can estimate the time of the calls still to pay.
         self.db.execute("CREATE TABLE IF NOT EXISTS speed (fingerprint TEXT, rows INTEGER, tokens INTEGER, seconds REAL)")
         self.db.commit()
@@ -40,14 +43,14 @@ class TeacherCache:
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self.db.execute(f"SELECT * FROM answers WHERE key IN ({marks})", chunk):
+            for row in self.db.execute(f"SELECT {_COLUMNS} FROM answers WHERE key IN ({marks})", chunk):
                 found[row[0]] = _decode(row)
         return found
 
     def put_many(self, items: dict[str, TeacherOutput]) -> None:
         with self.db:  # one transaction per batch: all of it or none
             self.db.executemany(
-                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO answers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [_encode(key, out) for key, out in items.items()],
             )
 
@@ -65,6 +68,9 @@ class TeacherCache:
         self.db.close()
 
 
+_COLUMNS = "key, text, k, token_ids, token_logprobs, topk_ids, topk_logprobs, finish_reason"
+
+
 def _encode(key: str, out: TeacherOutput) -> tuple:
     return (
         key,
@@ -74,15 +80,17 @@ def _encode(key: str, out: TeacherOutput) -> tuple:
         out.token_logprobs.astype(np.float32).tobytes(),
         out.topk_ids.astype(np.int32).tobytes(),
         out.topk_logprobs.astype(np.float16).tobytes(),
+        out.finish_reason,
     )
 
 
 def _decode(row: tuple) -> TeacherOutput:
-    _, text, k, ids, lps, top_ids, top_lps = row
+    _, text, k, ids, lps, top_ids, top_lps, finish_reason = row
     return TeacherOutput(
         text=text,
         token_ids=np.frombuffer(ids, dtype=np.int32),
         token_logprobs=np.frombuffer(lps, dtype=np.float32),
         topk_ids=np.frombuffer(top_ids, dtype=np.int32).reshape(-1, k),
         topk_logprobs=np.frombuffer(top_lps, dtype=np.float16).reshape(-1, k),
+        finish_reason=finish_reason,
     )

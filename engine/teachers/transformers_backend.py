@@ -18,19 +18,21 @@ class TransformersTeacher:
         self.fingerprint = teacher_fingerprint(spec_teacher)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], on_batch: Callable[[int], None] | None = None,
+    def generate(self, prompts: list[str], on_batch: Callable[[list[int], list[TeacherOutput]], None] | None = None,
                  max_new_tokens: int | None = None) -> list[TeacherOutput]:
-        """One output per prompt, in order. Prompts are batched by length to limit padding."""
+        """One output per prompt, in order. Prompts are batched by length to limit padding;
+        `on_batch(indices, outputs)` hears each batch as soon as it is answered."""
         encoded = [chat_prompt_ids(self.tokenizer, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         outputs: list[TeacherOutput | None] = [None] * len(prompts)
         size = self.spec.batch_size
         for start in range(0, len(order), size):
             batch = order[start : start + size]
-            for i, out in zip(batch, self._generate_batch([encoded[i] for i in batch], max_new_tokens)):
+            answered = self._generate_batch([encoded[i] for i in batch], max_new_tokens)
+            for i, out in zip(batch, answered):
                 outputs[i] = out
             if on_batch:
-                on_batch(len(batch))
+                on_batch(batch, answered)
         return outputs  # type: ignore[return-value]
 
     def _generate_batch(self, batch_ids: list[list[int]], max_new_tokens: int | None = None) -> list[TeacherOutput]:
@@ -70,6 +72,7 @@ class TransformersTeacher:
         # what follows is padding from finished rows.
         n = ids.index(eos) + 1 if eos in ids else len(ids)
         return TeacherOutput(
+            finish_reason="stop" if eos in ids else "length",
             text=self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
             token_ids=np.asarray(ids[:n], dtype=np.int32),
             token_logprobs=chosen_lp[:n].numpy().astype(np.float32),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
+from engine.errors import RenderLimit, TrainError
 from engine.models import chat_prompt_ids
 from engine.templates import compile_template, render
 
@@ -30,17 +31,27 @@ def student_texts(examples: pl.DataFrame, student_prompt: str | None) -> list[st
     """What the student reads: training.student_prompt rendered over the row, else teacher_prompt."""
     if not student_prompt:
         return examples["teacher_prompt"].to_list()
-    template = compile_template(student_prompt, "training.student_prompt")
+    template = compile_template(str(student_prompt), getattr(student_prompt, "file", None) or "training.student_prompt")
     scalar = [c for c in examples.columns if c not in _LIST_COLUMNS]  # templates never need the big lists
-    return [render(template, row) for row in examples.select(scalar).iter_rows(named=True)]
+    texts = []
+    for row in examples.select(scalar).iter_rows(named=True):
+        try:
+            texts.append(render(template, row))
+        except RenderLimit as e:  # the dataset is fixed by now: a row the student cannot read stops training
+            raise TrainError(f"example {row.get('prompt_id', '?')[:12]}: {e}") from None
+    return texts
 
 
 def encode(examples: pl.DataFrame, tokenizer, texts: list[str]) -> list[Encoded]:
-    """One Encoded per row with at least one teacher token (an empty response teaches nothing)."""
+    """One Encoded per row with at least one teacher token (an empty response teaches nothing).
+
+    A row holding an unmapped token (id -1: a server answered with text no single id renders)
+    is left out: its targets are not known exactly.
+    """
     out = []
     columns = examples.select(_LIST_COLUMNS).cast({"topk_logprobs": pl.List(pl.List(pl.Float32))})
     for text, (tokens, topk_ids, topk_lps) in zip(texts, columns.iter_rows()):
-        if tokens:
+        if tokens and min(tokens) >= 0:
             out.append(Encoded(chat_prompt_ids(tokenizer, text), list(tokens), topk_ids, topk_lps))
     return out
 

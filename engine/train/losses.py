@@ -1,55 +1,92 @@
-"""Distillation loss against a stored top-k teacher, with one tail bucket.
+"""Distillation losses against a stored top-k teacher: forward KL, reverse KL, generalised JSD.
 
 The teacher's full distribution is gone: we kept, per generated token, the log-probs
 p_1..p_k (T=1) of its k likeliest ids. What is left, 1 - sum(p_i), is the *tail*. Both
-sides are compared over the same k+1 outcomes — the k stored ids plus "any other id":
+sides are compared over the same outcomes, chosen by `tail`:
+
+  bucket (the default): k+1 outcomes — the k stored ids plus "any other id":
 
     teacher at T=1:  (p_1, ..., p_k, p_tail),  p_tail = 1 - sum_i p_i   (clamped at 0)
     student at T=1:  (s_1, ..., s_k, s_tail),  s_i = softmax(z)[id_i],
                                                s_tail = sum of softmax(z) over all other ids
-    tempered at T:   q_j ∝ p_j^(1/T),  r_j ∝ s_j^(1/T)   over those k+1 outcomes
 
-    loss per response token = kd_weight * T^2 * KL(q || r) + hard_weight * CE(z, teacher token)
+  renormalise: the k stored ids only, each side renormalised within them
+    (p_i / sum_j p_j and s_i / sum_j s_j): the tail is dropped, so the student's mass
+    outside the top-k is not trained by the KD term at all, only its shape inside.
 
-Both sides are coarsened to the k+1 outcomes *before* tempering: the teacher's tail can
-only be tempered as one outcome (its per-id split is unknown), so the student's tail is
-treated the same way. Hence KL = 0 exactly when the student matches the teacher on the
-k ids and the tail, at every T. (At T=1 this equals "student softmax at the k ids plus
-the summed rest".) The T^2 factor keeps the KD gradients' scale independent of T, as in
-Hinton et al. The hard CE uses the student's untempered logits. Everything is float32;
-the result is a mean over the response tokens selected by `mask`.
+  tempered at T:   q_j ∝ p_j^(1/T),  r_j ∝ s_j^(1/T)   over those outcomes
+
+    loss per response token = kd_weight * T^2 * D(q, r) + hard_weight * CE(z, teacher token)
+
+with D one of (teacher q, student r):
+
+    forward_kl  KL(q || r)                                   (the default: mass-covering)
+    reverse_kl  KL(r || q)                                   (mode-seeking)
+    jsd         beta * KL(q || m) + (1 - beta) * KL(r || m),  m = beta * q + (1 - beta) * r
+
+`jsd` follows TRL's GKDTrainer.generalized_jsd_loss (trl/trainer/gkd_trainer.py, Eq. 1 of
+Agarwal et al. 2306.13649): the mixture weights the *teacher* by beta, kl_teacher is
+KL(teacher || m) weighted by beta, and beta = 0 / beta = 1 are special-cased to the plain
+KL(teacher || student) / KL(student || teacher) (TRL's F.kl_div(student, teacher) and
+F.kl_div(teacher, student)), not to the 0 the formula tends to. TRL mixes in log space
+(logsumexp); we mix probabilities, the same value, and guard the outcomes both sides give 0.
+
+Both sides are coarsened to the outcomes *before* tempering: the teacher's tail can only
+be tempered as one outcome (its per-id split is unknown), so the student's tail is
+treated the same way. Hence D = 0 exactly when the student matches the teacher on the
+k ids and the tail, at every T. (At T=1 the bucket loss and its gradient equal the dense
+loss against a full teacher distribution whose tail mass is spread over the other ids in
+proportion to the student's own: tests/test_losses.py checks it.) The T^2 factor keeps the KD
+gradients' scale independent of T, as in Hinton et al.; it applies to every divergence.
+The hard CE uses the student's untempered logits. Everything is float32; the result is a
+mean over the response tokens selected by `mask`.
 
 A top-k slot whose stored log-prob is -inf is absent (pads a ragged k; slot 0, the
 likeliest, is always present): its id belongs to the tail like any other unstored id.
+
+No gold-label term: a source's label is an answer string, not a token sequence aligned
+with the teacher's response (which may reason first, then answer), so a per-token CE on
+"the gold answer" has no honest definition over the stored tokens; none is offered.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 NEG_INF = float("-inf")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+TAILS = ("bucket", "renormalise")
+# Reverse KL against a teacher outcome of zero mass (a tail the top-k filled up to fp16
+# rounding) is infinite: the teacher's tempered log-probs are floored here for it alone.
+REVERSE_KL_LOG_FLOOR = math.log(1e-12)
 
 
 @dataclass
 class LossParts:
     loss: torch.Tensor  # weighted total, what backward() is called on
-    kd: torch.Tensor  # mean T^2 * KL over response tokens (detached)
+    kd: torch.Tensor  # mean T^2 * divergence over response tokens (detached)
     ce: torch.Tensor  # mean hard cross-entropy (detached)
     tokens: int  # response tokens averaged over
 
 
-def teacher_log_probs(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """[N, k] stored T=1 log-probs -> [N, k+1] log-probs over the k ids plus the tail."""
+def teacher_log_probs(topk_logprobs: torch.Tensor, tail: str = "bucket") -> torch.Tensor:
+    """[N, k] stored T=1 log-probs -> [N, k+1] over the k ids plus the tail (bucket), or [N, k] (renormalise)."""
     top = topk_logprobs.float()
+    if tail == "renormalise":
+        return top.log_softmax(-1)  # absent slots (-inf) stay at 0 mass
     tail_mass = (1.0 - top.exp().sum(-1)).clamp_min(0.0)  # fp16 rounding may overshoot 1
     return torch.cat([top, tail_mass.log().unsqueeze(-1)], dim=-1)  # log(0) = -inf: no tail
 
 
-def student_log_probs(logits: torch.Tensor, topk_ids: torch.Tensor, topk_valid: torch.Tensor) -> torch.Tensor:
-    """[N, V] logits -> [N, k+1] T=1 log-probs at the k ids plus the summed rest."""
+def student_log_probs(logits: torch.Tensor, topk_ids: torch.Tensor, topk_valid: torch.Tensor,
+                      tail: str = "bucket") -> torch.Tensor:
+    """[N, V] logits -> [N, k+1] T=1 log-probs at the k ids plus the summed rest (bucket), or [N, k] within the k."""
+    if tail == "renormalise":  # the logits at the k ids alone: no gradient reaches any other id
+        return logits.float().gather(-1, topk_ids).masked_fill(~topk_valid, NEG_INF).log_softmax(-1)
     logp = logits.float().log_softmax(-1)
     top = logp.gather(-1, topk_ids).masked_fill(~topk_valid, NEG_INF)
     # An absent slot's id stays in the tail: point it at slot 0 (always present) for the scatter.
@@ -59,13 +96,55 @@ def student_log_probs(logits: torch.Tensor, topk_ids: torch.Tensor, topk_valid: 
     return torch.cat([top, rest.unsqueeze(-1)], dim=-1)
 
 
+def _temper(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    return (log_probs / temperature).log_softmax(-1)
+
+
 def kl_per_token(teacher_lp: torch.Tensor, student_lp: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(q || r) per row, q and r the (k+1)-outcome distributions tempered at T."""
-    q_log = (teacher_lp / temperature).log_softmax(-1)
-    r_log = (student_lp / temperature).log_softmax(-1)
+    """Forward KL(q || r) per row, q and r the outcome distributions tempered at T."""
+    q_log = _temper(teacher_lp, temperature)
+    r_log = _temper(student_lp, temperature)
     q = q_log.exp()
     # Outcomes with q = 0 contribute nothing (and must not turn -inf into NaN).
     return torch.where(q > 0, q * (q_log - r_log), torch.zeros_like(q)).sum(-1)
+
+
+def _kl(a_log: torch.Tensor, b_log: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row from log-probs. Outcomes with a = 0 add 0, with no NaN in value or gradient
+    (a's -inf is swapped out *before* the arithmetic, so its backward never meets 0 * inf)."""
+    present = a_log > NEG_INF
+    a_safe = torch.where(present, a_log, torch.zeros_like(a_log))
+    b_safe = torch.where(present, b_log, torch.zeros_like(b_log))
+    return torch.where(present, a_safe.exp() * (a_safe - b_safe), torch.zeros_like(a_safe)).sum(-1)
+
+
+def reverse_kl_per_token(teacher_lp: torch.Tensor, student_lp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Reverse KL(r || q) per row: the student's mass where the teacher has little is what costs."""
+    q_log = _temper(teacher_lp, temperature).clamp_min(REVERSE_KL_LOG_FLOOR)
+    return _kl(_temper(student_lp, temperature), q_log)
+
+
+def jsd_per_token(teacher_lp: torch.Tensor, student_lp: torch.Tensor, temperature: float, beta: float) -> torch.Tensor:
+    """Generalised JSD_beta per row, TRL's convention (see the module docstring)."""
+    if beta == 0.0:
+        return kl_per_token(teacher_lp, student_lp, temperature)
+    if beta == 1.0:
+        return reverse_kl_per_token(teacher_lp, student_lp, temperature)
+    q_log, r_log = _temper(teacher_lp, temperature), _temper(student_lp, temperature)
+    m = beta * q_log.exp() + (1.0 - beta) * r_log.exp()
+    m_log = torch.where(m > 0, m, torch.ones_like(m)).log()  # m = 0 only where q = r = 0: skipped by _kl
+    return beta * _kl(q_log, m_log) + (1.0 - beta) * _kl(r_log, m_log)
+
+
+def divergence_per_token(teacher_lp: torch.Tensor, student_lp: torch.Tensor, temperature: float,
+                         divergence: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
+    if divergence == "forward_kl":
+        return kl_per_token(teacher_lp, student_lp, temperature)
+    if divergence == "reverse_kl":
+        return reverse_kl_per_token(teacher_lp, student_lp, temperature)
+    if divergence == "jsd":
+        return jsd_per_token(teacher_lp, student_lp, temperature, beta)
+    raise ValueError(f"unknown divergence {divergence!r} (one of {', '.join(DIVERGENCES)})")
 
 
 def _select(mask: torch.Tensor | None, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -89,13 +168,19 @@ def distillation_loss(
     kd_weight: float,
     hard_weight: float,
     temperature: float,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,  # jsd only
+    tail: str = "bucket",
 ) -> LossParts:
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail {tail!r} (one of {', '.join(TAILS)})")
     logits, ids, lps, tgt = _select(mask, student_logits, topk_ids, topk_logprobs, targets)
     if logits.shape[0] == 0:
         zero = student_logits.sum() * 0.0  # keeps the graph: backward() still works
         return LossParts(zero, zero.detach(), zero.detach(), 0)
     valid = torch.isfinite(lps)
-    kd = kl_per_token(teacher_log_probs(lps), student_log_probs(logits, ids, valid), temperature).mean()
+    teacher, student = teacher_log_probs(lps, tail), student_log_probs(logits, ids, valid, tail)
+    kd = divergence_per_token(teacher, student, temperature, divergence, beta).mean()
     kd = kd * temperature**2
     ce = F.cross_entropy(logits.float(), tgt.long())
     loss = kd_weight * kd + hard_weight * ce

@@ -4,6 +4,10 @@ A training run is identified by the dataset version and the hash of everything t
 shapes the students (teacher, students, training settings), so asking again for the
 same run reuses it instead of training twice. Students are written to staging and
 renamed into place: a failed run leaves no half-saved model behind.
+
+With several seeds (`--seeds 0,1,2` or training.seeds), each seed is its own run: the
+spec with training.seed replaced, cached like any other run. Eval scores every seed's
+students and summarises each student over its seeds.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from engine.errors import TrainError
+from engine.errors import Interrupted, TrainError
 
 
 @dataclass
@@ -35,9 +39,21 @@ def training_hash(spec) -> str:
         "teacher": fingerprint(spec.teacher.model),  # weights, not the name: a changed file retrains
         "student_models": [fingerprint(s.model) for s in spec.students if s.model],
         "students": [s.model_dump(mode="json") for s in spec.students],
-        "training": spec.training.model_dump(mode="json"),
+        "training": spec.training.model_dump(mode="json", exclude={"seeds"}),  # one run per seed: see with_seed
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def seeds_for(spec, seeds: list[int] | None = None) -> list[int] | None:
+    """The training seeds asked for: --seeds, else training.seeds; None: the one run of training.seed."""
+    if seeds:
+        return list(dict.fromkeys(seeds))
+    return list(spec.training.seeds) if spec.training.seeds else None
+
+
+def with_seed(spec, seed: int):
+    """The spec whose run trains with `seed`: training.seed replaced (the run is cached per seed)."""
+    return spec.model_copy(update={"training": spec.training.model_copy(update={"seed": seed, "seeds": None})})
 
 
 def _pinned(spec, st, dataset: str | None):
@@ -46,6 +62,15 @@ def _pinned(spec, st, dataset: str | None):
 
 def run_id_for(spec, version) -> str:
     return f"{version.dataset}-v{version.version}-{training_hash(spec)[:10]}"
+
+
+def train_seeds(spec, st, dataset: str | None = None, seeds: list[int] | None = None, *, progress: bool = True,
+                console: Console | None = None) -> list[tuple[int | None, TrainResult]]:
+    """(seed, run) per seed asked for; [(None, run)] for the spec's one run when no seeds are."""
+    chosen = seeds_for(spec, seeds)
+    if chosen is None:
+        return [(None, train(spec, st, dataset, progress=progress, console=console))]
+    return [(seed, train(with_seed(spec, seed), st, dataset, progress=progress, console=console)) for seed in chosen]
 
 
 def train(spec, st, dataset: str | None = None, *, progress: bool = True, console: Console | None = None) -> TrainResult:
@@ -58,36 +83,91 @@ def train(spec, st, dataset: str | None = None, *, progress: bool = True, consol
     run_dir = st.root / "models" / run_id
     names = [s.name for s in spec.students]
     if all((run_dir / n / "metrics.json").is_file() for n in names):
+        # A run killed between its rename into place and its catalog rows is recorded now.
+        recorded = {m["student"] for m in st.models(version.dataset, version.version) if m["run_id"] == run_id}
+        _record(spec, st, version, run_id, run_dir,
+                {n: json.loads((run_dir / n / "metrics.json").read_text()) for n in names if n not in recorded})
         return TrainResult(version.ref, run_id, run_dir, names, created=False)
     examples = st.read(version.ref, "examples")
     if examples.filter(examples["split"] == "train").is_empty():
         raise TrainError(f"{version.ref} has no train rows to learn from")
     # A locked staging folder: gc leaves it alone while training runs; renamed into place at the end.
-    with st.staging(f"train-{run_id}") as staging:
-        metrics = train_students(spec, examples, staging, progress=progress)
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        staging.rename(run_dir)
-    for name in names:
-        st.record_model(dataset=version.dataset, version=version.version, run_id=run_id, student=name,
-                        path=run_dir / name, spec_hash=spec.spec_hash, metrics=metrics[name])
+    try:
+        with st.staging(f"train-{run_id}") as staging:
+            metrics = train_students(spec, examples, staging, progress=progress)
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            staging.rename(run_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(f"training on {version.ref} stopped; no student was saved") from None
+    try:
+        _record(spec, st, version, run_id, run_dir, metrics)
+    except KeyboardInterrupt:
+        raise Interrupted(f"training on {version.ref} finished but not all its students were recorded; "
+                          "`syllabus train` again records them") from None
     return TrainResult(version.ref, run_id, run_dir, names, created=True)
 
 
-def evaluate(spec, st, dataset: str | None = None, *, progress: bool = True, console: Console | None = None):
-    """Teacher vs the spec's students on the pinned version; rows plus the saved JSON path."""
-    from engine.train import evaluate as evaluate_models
+def _record(spec, st, version, run_id: str, run_dir: Path, metrics: dict[str, dict]) -> None:
+    for name, student_metrics in metrics.items():
+        st.record_model(dataset=version.dataset, version=version.version, run_id=run_id, student=name,
+                        path=run_dir / name, spec_hash=spec.spec_hash, metrics=student_metrics)
+
+
+def evaluate(spec, st, dataset: str | None = None, *, seeds: list[int] | None = None, progress: bool = True,
+             console: Console | None = None) -> tuple[dict, Path]:
+    """Teacher vs the spec's students on the eval split and each eval source; the report and its saved path.
+
+    The report (also saved as eval.json) holds one entry per set, each with its majority
+    baseline, one row per model (the teacher first, then each student per seed) and, with
+    several seeds, each student's mean and min–max over them.
+    """
+    from engine.stages.base import RunContext
+    from engine.train.evaluate import METHODS, EvalSet, StudentRun, evaluate_sets, source_sets, split_set
 
     version = _pinned(spec, st, dataset)
-    run_id = run_id_for(spec, version)
-    run_dir = st.root / "models" / run_id
-    missing = [s.name for s in spec.students if not (run_dir / s.name / "config.json").is_file()]
+    chosen = seeds_for(spec, seeds)
+    runs = [(seed, with_seed(spec, seed)) for seed in chosen] if chosen else [(spec.training.seed, spec)]
+    run_ids = {seed: run_id_for(seeded, version) for seed, seeded in runs}
+    missing = [f"{s.name}{'' if chosen is None else f' (seed {seed})'}" for seed in run_ids for s in spec.students
+               if not (st.root / "models" / run_ids[seed] / s.name / "config.json").is_file()]
     if missing:
+        again = "" if chosen is None else f" --seeds {','.join(map(str, chosen))}"
         raise TrainError(f"no trained {', '.join(missing)} for {version.ref} with this spec: "
-                         f"run `syllabus train {spec.path or 'SPEC'}` first")
+                         f"run `syllabus train {spec.path or 'SPEC'}{again}` first")
     examples = st.read(version.ref, "examples")
-    rows = evaluate_models(spec, examples, {s.name: run_dir / s.name for s in spec.students}, progress=progress)
-    path = run_dir / "eval.json"
-    path.write_text(json.dumps({"dataset": version.ref, "run_id": run_id, "split": spec.eval.split, "models": rows},
-                               indent=2, default=str))
-    return rows, path
+    students = [StudentRun(s.name, st.root / "models" / run_ids[seed] / s.name, None if chosen is None else seed)
+                for seed in run_ids for s in spec.students]
+    ctx = RunContext(spec=spec, cache_dir=st.root / "cache", progress=progress, store=st)
+    try:
+        test = split_set(spec, examples, _split_description(spec, version, examples))
+        sets: list[EvalSet] = ([test] if test is not None else []) + source_sets(spec, ctx)
+        reports = evaluate_sets(spec, sets, students, progress=progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"evaluation on {version.ref} stopped; no eval.json was written") from None
+    report = {"dataset": version.ref, "split": spec.eval.split, "seeds": chosen or [spec.training.seed],
+              "runs": {str(seed): run_id for seed, run_id in run_ids.items()},
+              "teacher_calls": ctx.counters.get("teacher_calls", 0), "methods": METHODS, "sets": reports}
+    if chosen is None or len(chosen) == 1:
+        folder = st.root / "models" / next(iter(run_ids.values()))
+    else:  # several runs: the report sits beside them, named by what they share
+        folder = st.root / "models" / f"{version.dataset}-v{version.version}-{seedless_hash(spec)[:10]}-seeds-" \
+                                      f"{'-'.join(map(str, chosen))}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "eval.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return report, path
+
+
+def seedless_hash(spec) -> str:
+    """training_hash with the seed left out: what the runs of one spec over several seeds share."""
+    return training_hash(spec.model_copy(update={"training": spec.training.model_copy(update={"seed": 0, "seeds": None})}))
+
+
+def _split_description(spec, version, examples) -> str:
+    """How the eval split was drawn, from the version's own lineage (older versions drew it last)."""
+    from store.inspect import describe_test_split
+
+    rows = examples.filter(examples["split"] == spec.eval.split).height
+    note = describe_test_split(version.stats) if spec.eval.split == "test" else None
+    return f"{spec.eval.split} split of {version.ref}: {rows} rows" + (f", {note.removeprefix('test split: ')}" if note else "")

@@ -1,4 +1,4 @@
-"""Build students from the teacher: layer subsets, fresh configs, or local models.
+"""Build students from the teacher: pruned copies (engine/train/prune.py), fresh configs, or local models.
 
 Every student shares the teacher's tokenizer, so the stored top-k ids index its
 vocabulary directly; that is checked where it is not true by construction.
@@ -13,14 +13,23 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from engine.models import ModelError
-from engine.spec import Spec, SpecError, Student
+from engine.spec import Spec, Student
+from engine.train import prune
 
 
-def build_student(spec: Spec, student: Student, teacher, tokenizer):
-    """A float32 causal LM for `student`; `teacher` is the loaded teacher model."""
+def build_student(spec: Spec, student: Student, teacher, tokenizer, calibration: list[list[int]] | None = None):
+    """A float32 causal LM for `student`; `teacher` is the loaded teacher model.
+
+    calibration: the train split's sequences as token ids (student context + teacher response),
+    on which a from_teacher student's importance is measured (keep_layers, widths). A
+    from_teacher student carries what was kept and why as `model.pruning_report` (a dict for
+    metrics.json; its "summary" is one line to print).
+    """
     torch.manual_seed(spec.training.seed)  # seeded init: same spec, same student
     if student.kind == "from_teacher":
-        model = _from_teacher(spec, student, teacher)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        model, report = prune.from_teacher(spec, student, teacher, calibration, pad)
+        model.pruning_report = report
     elif student.kind == "config":
         model = _from_config(student, teacher)
     else:
@@ -28,39 +37,51 @@ def build_student(spec: Spec, student: Student, teacher, tokenizer):
     return model.float()
 
 
-def _from_teacher(spec: Spec, student: Student, teacher):
-    """The teacher with only the chosen decoder layers (in the given order), as DistilBERT did."""
-    layers = student.from_teacher.layers
-    n = teacher.config.num_hidden_layers
-    bad = [i for i in layers if i >= n]
-    if bad:
-        where = spec.path or "<spec>"
-        i = spec.students.index(student)
-        raise SpecError(f"{where}: students[{i}].from_teacher.layers: student {student.name!r}: layer "
-                        f"{bad[0]} is out of range, the teacher has {n} layers (0-{n - 1})")
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds follow the layers
-        config.layer_types = [config.layer_types[i] for i in layers]
-    # A fresh model (rather than slicing a copy) numbers its layers 0..n-1 for the KV cache.
-    model = type(teacher)(config)
-    renumber = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(layers)}
-    state = {}
-    for key, value in teacher.state_dict().items():
-        m = re.match(r"model\.layers\.(\d+)\.", key)
-        if m is None:
-            state[key] = value
-        elif m.group(0) in renumber:
-            state[renumber[m.group(0)] + key[m.end():]] = value
-    model.load_state_dict(state, strict=True)
-    model.generation_config = copy.deepcopy(teacher.generation_config)
-    return model
+def student_shape(spec: Spec, student: Student, teacher_config=None) -> tuple[int, float]:
+    """(parameters, parameters / the teacher's) of `student`, from configs alone: no weights are read.
+
+    teacher_config: the teacher's HF config (default: read from spec.teacher.model). A from_teacher
+    shape the teacher cannot give raises SpecError naming the field, as building it would.
+    """
+    from transformers import AutoConfig
+
+    from engine.models import resolve_causal_lm
+
+    if teacher_config is None:
+        teacher_config = AutoConfig.from_pretrained(resolve_causal_lm(spec.teacher.model))
+    if student.kind == "from_teacher":
+        target = prune.targets(spec, student, teacher_config)
+        layers = target.layers or list(range(target.keep_layers))  # which layers does not change the count
+        config = target.config(teacher_config, layers)
+    elif student.kind == "config":
+        config = _config(student, teacher_config)
+    else:
+        path = spec.resolve_path(student.model)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"student {student.name!r}: {path} is not a local HF model folder (no config.json)")
+        config = AutoConfig.from_pretrained(path)
+    params = _meta_params(config)
+    return params, params / _meta_params(teacher_config)
+
+
+def _meta_params(config) -> int:
+    """Parameters of a model of this config, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    return prune.count_params(model)
 
 
 def _from_config(student: Student, teacher):
     """A fresh Llama of the requested shape, speaking the teacher's vocabulary and positions."""
-    t, c = teacher.config, student.config
-    config = LlamaConfig(
+    config = _config(student, teacher.config)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig.from_model_config(config)
+    return model
+
+
+def _config(student: Student, t) -> LlamaConfig:
+    c = student.config
+    return LlamaConfig(
         vocab_size=t.vocab_size,
         hidden_size=c.hidden_size,
         num_hidden_layers=c.num_layers,
@@ -76,9 +97,6 @@ def _from_config(student: Student, teacher):
         eos_token_id=t.eos_token_id,
         pad_token_id=t.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig.from_model_config(config)
-    return model
 
 
 def _from_folder(spec: Spec, student: Student, tokenizer):

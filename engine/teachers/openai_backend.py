@@ -1,0 +1,498 @@
+"""Teacher backend on an OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp's server).
+
+Each prompt is one `POST {base_url}/chat/completions` with `logprobs: true, top_logprobs: k`;
+up to `max_concurrency` run at once (a thread pool over one httpx2 client), and every answer is
+handed to `on_batch` as soon as it arrives, so the request cache commits it at once.
+
+Timeouts, connection errors, 429 and 5xx are retried with exponential backoff (a server's
+Retry-After is honoured, up to `retries.max_wait`); any other error status fails at once. The
+constructor asks `GET {base_url}/models` (with the same retries) so that an unreachable or
+misconfigured server fails before any work, in one line naming the URL and what was tried.
+
+Token ids: a server that gives them ("token_id:123", vLLM's `--return-tokens-as-token-ids`) is
+taken at its word; otherwise each token's `bytes` (when present) or its text is mapped to an id
+with the teacher's tokenizer (`tokenizer:` in the spec). A text that several ids render to (a
+token holding part of a UTF-8 character loses bytes in the server's rendering) is resolved for
+the chosen tokens by the one segmentation of the answer's text that fits them all, and is never
+guessed: an unmappable chosen token is stored as id -1, an unmappable alternative as an absent
+top-k slot (log-prob -inf, the id of slot 0, as the trainer pads), and both are counted.
+
+The API key is read from the environment variable that `api_key_env` names, sent only in the
+Authorization header, and scrubbed from every message this module writes.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Callable
+
+import numpy as np
+
+from engine.errors import TeacherError
+from engine.teachers import TeacherOutput, teacher_fingerprint
+
+log = logging.getLogger(__name__)
+
+NO_LOGPROBS = ("answered without logprobs: the server must return them (llama_cpp.server: --logits_all true; "
+               "vLLM: --max-logprobs at least logprobs.top_k; hosted APIs: a model that supports logprobs)")
+
+
+class _Cancelled(Exception):
+    """A request given up because another one failed or the run was interrupted."""
+
+
+def api_key(spec_teacher) -> str | None:
+    """The key from the variable the spec names (None when it names none); one line naming a missing variable."""
+    name = spec_teacher.api_key_env
+    if name is None:
+        return None
+    key = os.environ.get(name, "").strip()
+    if not key:
+        raise TeacherError(f"teacher.api_key_env: the environment variable {name} is not set (it holds the API key "
+                           f"for {spec_teacher.base_url})")
+    return key
+
+
+class OpenAITeacher:
+    def __init__(self, spec_teacher, *, transport=None, sleep: Callable[[float], None] | None = None):
+        """`transport` (an httpx2 transport) and `sleep` are for tests; a run uses the network and real time."""
+        import httpx2
+
+        from engine.models import load_tokenizer
+
+        self.spec = spec_teacher
+        self.fingerprint = teacher_fingerprint(spec_teacher)
+        key = api_key(spec_teacher)  # before anything slow: a missing variable is said at once
+        self._secret = key
+        self.base_url = spec_teacher.base_url.rstrip("/")
+        self.tokenizer = load_tokenizer(spec_teacher.tokenizer)
+        self.mapper = token_mapper(self.tokenizer)
+        t = spec_teacher.timeout
+        self._client = httpx2.Client(
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=httpx2.Timeout(t.read, connect=t.connect),
+            limits=httpx2.Limits(max_connections=spec_teacher.max_concurrency,
+                                 max_keepalive_connections=spec_teacher.max_concurrency),
+            transport=transport,
+            follow_redirects=False,
+        )
+        self._httpx = httpx2
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self.stats: Counter = Counter()  # requests, retries, answers, unmapped_tokens, absent_topk, prompt_mismatch
+        self._warned_prompt = False
+        self._check_server()
+
+    # --- the protocol ---------------------------------------------------------
+
+    def generate(self, prompts: list[str], on_batch: Callable[[list[int], list[TeacherOutput]], None] | None = None,
+                 max_new_tokens: int | None = None) -> list[TeacherOutput]:
+        """One output per prompt, in order; `on_batch([i], [output])` hears each answer as it arrives.
+
+        The first request that fails for good stops the others from starting; the answers
+        already in are still handed to on_batch (and so cached) before the error is raised.
+        """
+        from engine.models import chat_prompt_ids
+
+        # The prompt's length as the student will see it (chat template of the tokenizer here),
+        # to check the server's chat template against it; computed here, not in the workers.
+        expected = [len(chat_prompt_ids(self.tokenizer, p)) for p in prompts]
+        outputs: list[TeacherOutput | None] = [None] * len(prompts)
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=self.spec.max_concurrency, thread_name_prefix="teacher")
+        futures = {pool.submit(self._answer, p, n, max_new_tokens, stop): i
+                   for i, (p, n) in enumerate(zip(prompts, expected))}
+        error: BaseException | None = None
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=futures.get):
+                    if future.cancelled():
+                        continue
+                    problem = future.exception()
+                    if problem is not None:
+                        if error is None or isinstance(error, _Cancelled):
+                            error = problem
+                        stop.set()  # waiting retries give up; queued requests never start
+                        for f in pending:
+                            f.cancel()
+                        continue
+                    i = futures[future]
+                    outputs[i] = future.result()
+                    if on_batch:
+                        on_batch([i], [outputs[i]])
+        except BaseException:  # Ctrl-C: nothing new starts; requests in flight end within their timeout
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        if error is not None:
+            raise error
+        return outputs  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- one request ----------------------------------------------------------
+
+    def _answer(self, prompt: str, expected_prompt_tokens: int, max_new_tokens: int | None,
+                stop: threading.Event) -> TeacherOutput:
+        gen = self.spec.generation
+        body = {
+            **self.spec.extra_body,
+            "model": self.spec.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_new_tokens or gen.max_new_tokens,
+            "temperature": gen.temperature,
+            "top_p": gen.top_p,
+            "seed": gen.seed,
+            "logprobs": True,
+            "top_logprobs": self.spec.logprobs.top_k,
+            "n": 1,
+            "stream": False,
+        }
+        try:
+            data = self._request("POST", "/chat/completions", body, stop)
+            out = self._parse(data)
+        except _Cancelled:
+            raise
+        except BaseException:
+            stop.set()  # set here, not when the caller hears of it: this worker's next request must not start
+            raise
+        usage = data.get("usage") or {}
+        with self._lock:
+            self.stats["answers"] += 1
+            self.stats["unmapped_tokens"] += out.unmapped_tokens
+            if isinstance(usage.get("prompt_tokens"), int) and usage["prompt_tokens"] != expected_prompt_tokens:
+                self.stats["prompt_mismatch"] += 1
+                if not self._warned_prompt:
+                    self._warned_prompt = True
+                    log.warning("teacher %s read %d prompt tokens where the tokenizer's chat template gives %d: "
+                                "the server's chat template differs from the one students are trained with",
+                                self.base_url, usage["prompt_tokens"], expected_prompt_tokens)
+        return out
+
+    def _request(self, method: str, path: str, body: dict | None = None,
+                 stop: threading.Event | None = None) -> dict:
+        """The JSON of a 200 answer, retrying what a retry can cure; TeacherError (one line) otherwise."""
+        httpx2 = self._httpx
+        url = self.base_url + path
+        retries = self.spec.retries
+        problem, retry_after = "", None
+        for attempt in range(retries.attempts):
+            if attempt:
+                delay = retry_after if retry_after is not None else retries.backoff * 2 ** (attempt - 1)
+                delay = min(delay * (1 if retry_after is not None else random.uniform(0.8, 1.2)), retries.max_wait)
+                self._wait(delay, stop)
+                with self._lock:
+                    self.stats["retries"] += 1
+            if stop is not None and stop.is_set():
+                raise _Cancelled()
+            retry_after = None
+            with self._lock:
+                self.stats["requests"] += 1
+            try:
+                response = self._client.request(method, url, json=body)
+            except httpx2.TimeoutException as e:
+                problem = f"no answer within the timeout ({type(e).__name__})"
+                continue
+            except httpx2.TransportError as e:
+                problem = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                continue
+            status = response.status_code
+            if status == 429 or status >= 500:
+                problem = f"HTTP {status}{_said(response)}"
+                retry_after = _retry_after(response.headers.get("retry-after"))
+                continue
+            if status != 200:
+                hint = ""
+                if status in (401, 403):
+                    hint = f" (check the key in ${self.spec.api_key_env})" if self.spec.api_key_env else \
+                        " (the server wants a key: set teacher.api_key_env to the variable holding it)"
+                elif status == 404 and path == "/models":
+                    hint = " (base_url of an OpenAI-compatible server usually ends in /v1)"
+                raise TeacherError(self._scrub(f"teacher server: {method} {url} answered HTTP {status}"
+                                               f"{_said(response)}{hint}"))
+            try:
+                data = response.json()
+            except ValueError:
+                problem = "HTTP 200 with a body that is not JSON"
+                continue
+            if not isinstance(data, dict):
+                problem = "HTTP 200 with JSON that is not an object"
+                continue
+            return data
+        raise TeacherError(self._scrub(f"teacher server: {method} {url} failed after {retries.attempts} "
+                                       f"{'try' if retries.attempts == 1 else 'tries'}: {problem}"))
+
+    def _wait(self, seconds: float, stop: threading.Event | None) -> None:
+        if self._sleep is not None:
+            self._sleep(seconds)
+        elif stop is not None:
+            stop.wait(seconds)
+        else:
+            time.sleep(seconds)
+
+    def _check_server(self) -> None:
+        """Fail before any work when the server cannot be reached or does not serve the model."""
+        data = self._request("GET", "/models")
+        served = [m.get("id") for m in data.get("data") or [] if isinstance(m, dict)]
+        if served and self.spec.model not in served:
+            shown = ", ".join(repr(s) for s in served[:10]) + (f" and {len(served) - 10} more" if len(served) > 10 else "")
+            raise TeacherError(self._scrub(f"teacher.model: {self.spec.model!r} is not served at {self.base_url} "
+                                           f"(GET {self.base_url}/models lists {shown})"))
+
+    def _scrub(self, message: str) -> str:
+        message = " ".join(message.split())  # one line, whatever a server said
+        return message.replace(self._secret, "***") if self._secret else message
+
+    # --- one answer -----------------------------------------------------------
+
+    def _parse(self, data: dict) -> TeacherOutput:
+        try:
+            choice = data["choices"][0]
+        except (KeyError, IndexError, TypeError):
+            raise TeacherError(self._scrub(f"teacher server {self.base_url}: an answer without choices "
+                                           f"({json.dumps(data)[:200]})")) from None
+        content = (choice.get("message") or {}).get("content") or ""
+        entries = (choice.get("logprobs") or {}).get("content")
+        if entries is None or (entries == [] and content):
+            raise TeacherError(f"teacher server {self.base_url} {NO_LOGPROBS}")
+        k = self.spec.logprobs.top_k
+        if entries and not any(e.get("top_logprobs") for e in entries):
+            raise TeacherError(f"teacher server {self.base_url} {NO_LOGPROBS}".replace("without logprobs",
+                                                                                       "without top_logprobs"))
+        chosen, unmapped = self.mapper.chosen_ids(entries, content)
+        top_ids = np.empty((len(entries), k), dtype=np.int32)
+        top_lps = np.empty((len(entries), k), dtype=np.float16)
+        absent = 0
+        for row, entry in enumerate(entries):
+            pairs: dict[int, float] = {}
+            for alt in entry.get("top_logprobs") or []:
+                lp = alt.get("logprob")
+                if not isinstance(lp, (int, float)):
+                    continue  # no number to keep: an absent slot
+                i = self.mapper.token_id(alt)
+                if i is None:
+                    unmapped += 1
+                elif i not in pairs or lp > pairs[i]:
+                    pairs[i] = float(lp)
+            ranked = sorted(pairs.items(), key=lambda p: -p[1])[:k]
+            absent += k - len(ranked)
+            fill = ranked[0][0] if ranked else max(int(chosen[row]), 0)
+            ranked += [(fill, float("-inf"))] * (k - len(ranked))
+            top_ids[row] = [i for i, _ in ranked]
+            top_lps[row] = [lp for _, lp in ranked]
+        if absent:
+            with self._lock:
+                self.stats["absent_topk"] += absent
+        return TeacherOutput(
+            text=content.strip(),
+            token_ids=np.asarray(chosen, dtype=np.int32),
+            token_logprobs=np.asarray([_number(e.get("logprob")) for e in entries], dtype=np.float32),
+            topk_ids=top_ids,
+            topk_logprobs=top_lps,
+            finish_reason=_finish_reason(choice.get("finish_reason")),
+            unmapped_tokens=unmapped,
+        )
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
+def _finish_reason(reason) -> str | None:
+    """"stop" (the model ended its answer) or "length" (max_tokens); another server word is kept as said."""
+    if reason in ("stop", "eos", "end_turn", "stop_sequence"):
+        return "stop"
+    return reason
+
+
+def _said(response) -> str:
+    """What an error answer said, short: the OpenAI-style error message or the start of the body."""
+    try:
+        data = response.json()
+        text = data["error"]["message"] if isinstance(data.get("error"), dict) else data.get("detail") or data
+        text = text if isinstance(text, str) else json.dumps(text)
+    except Exception:
+        text = response.text
+    text = " ".join(str(text).split())
+    return f": {text[:200]}" if text else ""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+# --- token strings to ids ----------------------------------------------------
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode: byte-level BPE vocabularies spell byte b as chr(table[b])."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+def token_bytes(tokenizer) -> dict[int, bytes]:
+    """Every id's raw bytes, as a server renders them (special tokens: their text)."""
+    decoder = tokenizer.backend_tokenizer.decoder
+    kinds = decoder.__getstate__().decode() if decoder is not None else ""  # its JSON: the kinds of decoding
+    special = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    table = _byte_decoder() if '"ByteLevel"' in kinds else None
+    out = {}
+    for text, i in tokenizer.get_vocab().items():
+        if i in special:
+            out[i] = special[i].encode()
+        elif table is not None:
+            try:
+                out[i] = bytes(table[c] for c in text)
+            except KeyError:
+                out[i] = text.encode()
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):  # SentencePiece byte fallback
+            out[i] = bytes([int(text[3:5], 16)])
+        elif '"Metaspace"' in kinds or "\u2581" in kinds:
+            out[i] = text.replace("\u2581", " ").encode()
+        else:
+            out[i] = tokenizer.convert_tokens_to_string([text]).encode()
+    return out
+
+
+_MAPPERS: dict[tuple, TokenMapper] = {}
+
+
+def token_mapper(tokenizer) -> TokenMapper:
+    """One TokenMapper per tokenizer folder and vocabulary (building one takes a second or two)."""
+    key = (tokenizer.name_or_path, len(tokenizer), tuple(sorted(tokenizer.added_tokens_decoder)))
+    with _MAPPERS_LOCK:
+        if key not in _MAPPERS:
+            _MAPPERS[key] = TokenMapper(tokenizer)
+        return _MAPPERS[key]
+
+
+_MAPPERS_LOCK = threading.Lock()
+
+
+class TokenMapper:
+    """Token ids for the token entries of a chat-completions answer, never guessed."""
+
+    def __init__(self, tokenizer):
+        self.bytes_of = token_bytes(tokenizer)
+        self.size = max(self.bytes_of) + 1
+        self.special = set(tokenizer.added_tokens_decoder)
+        by_bytes: dict[bytes, list[int]] = defaultdict(list)
+        by_text: dict[str, set[int]] = defaultdict(set)
+        for i, b in self.bytes_of.items():
+            by_bytes[b].append(i)
+            # How servers render a token: its UTF-8 text, partial characters dropped (llama.cpp)
+            # or replaced by U+FFFD (vLLM); a special token by its text or by nothing.
+            by_text[b.decode("utf-8", errors="ignore")].add(i)
+            by_text[b.decode("utf-8", errors="replace")].add(i)
+            if i in self.special:
+                by_text[""].add(i)
+        # Where two ids share their bytes, a special token never stands for plain text.
+        self.by_bytes = {}
+        for b, ids in by_bytes.items():
+            plain = [i for i in ids if i not in self.special] or ids
+            self.by_bytes[b] = plain[0] if len(plain) == 1 else None
+        self.by_text = {t: sorted(ids) for t, ids in by_text.items()}
+
+    def candidates(self, entry: dict) -> list[int]:
+        """The ids an entry may stand for (one: mapped; none or several: not on its own)."""
+        token = entry.get("token")
+        if isinstance(token, str) and token.startswith("token_id:"):
+            try:
+                i = int(token[len("token_id:"):])
+            except ValueError:
+                return []
+            return [i] if 0 <= i < self.size else []
+        raw = entry.get("bytes")
+        if isinstance(raw, list) and raw:
+            try:
+                i = self.by_bytes.get(bytes(raw))
+            except (TypeError, ValueError):
+                i = None
+            return [] if i is None else [i]
+        if not isinstance(token, str):
+            return []
+        return self.by_text.get(token, [])
+
+    def token_id(self, entry: dict) -> int | None:
+        found = self.candidates(entry)
+        return found[0] if len(found) == 1 else None
+
+    def chosen_ids(self, entries: list[dict], content: str) -> tuple[list[int], int]:
+        """Ids of the generated tokens and how many could not be mapped (stored as -1).
+
+        A token whose text several ids render to is resolved by the answer's text: the
+        chosen tokens' bytes, concatenated, spell it. Where every segmentation of the text
+        that fits all entries agrees on one id, that id is certain; otherwise it stays -1.
+        """
+        cands = [self.candidates(e) for e in entries]
+        if all(len(c) == 1 for c in cands):
+            return [c[0] for c in cands], 0
+        resolved = self._segment(cands, content.encode("utf-8"))
+        ids = []
+        for c, r in zip(cands, resolved):
+            ids.append(c[0] if len(c) == 1 else r if r is not None else -1)
+        return ids, sum(i == -1 for i in ids)
+
+    def _segment(self, cands: list[list[int]], text: bytes) -> list[int | None]:
+        """Per position, the one id that every full segmentation of `text` gives it (None: not one)."""
+        n = len(cands)
+        # forward[i]: byte offsets reachable after i tokens; a special token may render as nothing.
+        forward: list[set[int]] = [{0}]
+        for c in cands:
+            nxt = set()
+            for off in forward[-1]:
+                for i in c:
+                    b = self.bytes_of[i]
+                    if text.startswith(b, off):
+                        nxt.add(off + len(b))
+                    if i in self.special:
+                        nxt.add(off)
+            forward.append(nxt)
+            if not nxt:
+                return [None] * n
+        if len(text) not in forward[n]:
+            return [None] * n
+        # backward: keep the steps that lie on a path to the end; a position is certain when one id remains.
+        ends, result = {len(text)}, [None] * n
+        for pos in range(n - 1, -1, -1):
+            used, starts = set(), set()
+            for off in forward[pos]:
+                for i in cands[pos]:
+                    b = self.bytes_of[i]
+                    steps = ([off + len(b)] if text.startswith(b, off) else []) + ([off] if i in self.special else [])
+                    if any(s in ends for s in steps):
+                        used.add(i)
+                        starts.add(off)
+            result[pos] = used.pop() if len(used) == 1 else None
+            ends = starts
+        return result
