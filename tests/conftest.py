@@ -175,3 +175,21 @@ def llama_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture
+def syllabus(capsys, monkeypatch):
+    """syllabus("train", "spec.yaml") -> (exit code, stdout, stderr), as the console script runs it (quiet)."""
+    import sys
+
+    from engine.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["syllabus", *args, "-q"])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        captured = capsys.readouterr()
+        code = exit_info.value.code
+        return (0 if code is None else code), captured.out, captured.err
+
+    return run

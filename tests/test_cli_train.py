@@ -15,7 +15,6 @@ import yaml
 
 import engine.train
 import store
-from engine.cli import main
 
 LINEAGE = {"spec_text": "name: tiny\n", "spec_hash": "h1", "teacher": "tiny", "code_version": "0", "stats": {}}
 STUDENTS = [{"name": "fresh", "config": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}},
@@ -45,20 +44,6 @@ def project(tmp_path, monkeypatch, tiny_llm_dir, tiny_examples):
     write_spec(tmp_path, tiny_llm_dir)
     store.open(tmp_path / "store").commit("tiny", {"examples": tiny_examples}, LINEAGE, parent=None)
     return tmp_path
-
-
-@pytest.fixture
-def syllabus(capsys, monkeypatch):
-    """syllabus("train", "spec.yaml") -> (exit code, stdout, stderr), as the console script runs it."""
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["syllabus", *args, "-q"])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        captured = capsys.readouterr()
-        code = exit_info.value.code
-        return (0 if code is None else code), captured.out, captured.err
-
-    return run
 
 
 def one_line_error(err: str) -> str:

@@ -17,7 +17,6 @@ import yaml
 from rich.console import Console
 
 import store
-from engine.cli import main
 from engine.curate import pipeline
 from engine.spec import load_spec
 from engine.stages.base import prompt_id
@@ -245,19 +244,6 @@ def project(tmp_path, monkeypatch, tiny_llm_dir, tiny_examples):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     store.open(tmp_path / "store").commit("tiny", {"examples": tiny_examples}, LINEAGE, parent=None)
     return tmp_path
-
-
-@pytest.fixture
-def syllabus(capsys, monkeypatch):
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["syllabus", *args, "-q"])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        captured = capsys.readouterr()
-        code = exit_info.value.code
-        return (0 if code is None else code), captured.out, captured.err
-
-    return run
 
 
 def test_eval_sources_are_scored_as_written_and_the_teacher_is_asked_once(project, syllabus, monkeypatch):
