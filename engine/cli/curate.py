@@ -118,8 +118,7 @@ def train(spec: Path = typer.Argument(..., help="spec file (YAML)"),
     from engine.train import runs as training
 
     s = _spec(spec)
-    for seed, result in training.train_seeds(s, open_store(store), dataset, _seeds(seeds), progress=not quiet,
-                                             console=err):
+    for seed, result in training.train_seeds(s, open_store(store), dataset, _seeds(seeds), progress=not quiet):
         verb = "trained" if result.created else "already trained"
         at = "" if seed is None else f" (seed {seed})"
         out.print(f"{verb}: {', '.join(result.students)} on {result.dataset_ref}{at} -> {result.run_dir}")
@@ -141,8 +140,7 @@ def evaluate(spec: Path = typer.Argument(..., help="spec file (YAML)"),
                                        set_heading)
 
     s = _spec(spec)
-    report, path = training.evaluate(s, open_store(store), dataset, seeds=_seeds(seeds), progress=not quiet,
-                                     console=err)
+    report, path = training.evaluate(s, open_store(store), dataset, seeds=_seeds(seeds), progress=not quiet)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
         return

@@ -14,7 +14,6 @@ interrupted leaves no version behind (completed teacher answers and embeddings s
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -125,11 +124,6 @@ def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | 
                      counters.get("teacher_calls", 0), rejected, cut_off_shares(examples))
 
 
-def _short_ids(reason: str) -> str:
-    """Content hashes shortened to 8 characters, as git shows commits."""
-    return re.sub(r"\b([0-9a-f]{8})[0-9a-f]{24,}\b", r"\1…", reason)
-
-
 def summary_table(result: RunResult) -> Table:
     """Rows in, kept and dropped per stage, the drops by reason, and the time."""
     table = Table(title="curation summary")
@@ -141,8 +135,8 @@ def summary_table(result: RunResult) -> Table:
              .sort("n", descending=True, maintain_order=True))
     for name, stats in result.stage_stats.items():
         mine = kinds.filter(pl.col("stage") == name)
-        # A kind is shown by one of its reasons, numbers and all: "29× e.g. near-duplicate of 3fa2c1d0… (cos 0.95 ≥ 0.92)".
-        why = "; ".join(f"{n}× {'e.g. ' if n > 1 else ''}{_short_ids(example)}"
+        # A kind is shown by one of its reasons, numbers and all: "29× e.g. near-duplicate of 3fa2c1d0 (cos 0.95 ≥ 0.92)".
+        why = "; ".join(f"{n}× {'e.g. ' if n > 1 else ''}{example}"
                         for n, example in mine.select("n", "example").head(3).iter_rows())
         dropped = int(mine["n"].sum()) if mine.height else 0
         timing = "cached" if stats.get("from_stage_cache") else f"{stats.get('seconds', 0):.1f}s"

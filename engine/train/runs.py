@@ -18,7 +18,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 
 from engine.errors import Interrupted, TrainError
 
@@ -64,16 +63,16 @@ def run_id_for(spec, version) -> str:
     return f"{version.dataset}-v{version.version}-{training_hash(spec)[:10]}"
 
 
-def train_seeds(spec, st, dataset: str | None = None, seeds: list[int] | None = None, *, progress: bool = True,
-                console: Console | None = None) -> list[tuple[int | None, TrainResult]]:
+def train_seeds(spec, st, dataset: str | None = None, seeds: list[int] | None = None, *,
+                progress: bool = True) -> list[tuple[int | None, TrainResult]]:
     """(seed, run) per seed asked for; [(None, run)] for the spec's one run when no seeds are."""
     chosen = seeds_for(spec, seeds)
     if chosen is None:
-        return [(None, train(spec, st, dataset, progress=progress, console=console))]
-    return [(seed, train(with_seed(spec, seed), st, dataset, progress=progress, console=console)) for seed in chosen]
+        return [(None, train(spec, st, dataset, progress=progress))]
+    return [(seed, train(with_seed(spec, seed), st, dataset, progress=progress)) for seed in chosen]
 
 
-def train(spec, st, dataset: str | None = None, *, progress: bool = True, console: Console | None = None) -> TrainResult:
+def train(spec, st, dataset: str | None = None, *, progress: bool = True) -> TrainResult:
     from engine.train import train_students
 
     if not spec.students:
@@ -114,8 +113,7 @@ def _record(spec, st, version, run_id: str, run_dir: Path, metrics: dict[str, di
                         path=run_dir / name, spec_hash=spec.spec_hash, metrics=student_metrics)
 
 
-def evaluate(spec, st, dataset: str | None = None, *, seeds: list[int] | None = None, progress: bool = True,
-             console: Console | None = None) -> tuple[dict, Path]:
+def evaluate(spec, st, dataset: str | None = None, *, seeds: list[int] | None = None, progress: bool = True) -> tuple[dict, Path]:
     """Teacher vs the spec's students on the eval split and each eval source; the report and its saved path.
 
     The report (also saved as eval.json) holds one entry per set, each with its majority
