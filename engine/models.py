@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from functools import lru_cache
@@ -44,7 +45,11 @@ def _package_dir(package: str) -> Path:
 
 
 def locate(name: str) -> Path:
-    """The file or folder a model name refers to: an alias, a local HF folder, or a .gguf file."""
+    """The file or folder a model name refers to: an alias, a trained student of the store
+    (`models:RUN_ID/STUDENT`), a local HF folder, or a .gguf file."""
+    found = store_model(name)
+    if found is not None:
+        return _store_model_folder(name, *found)
     if name in ALIASES:
         package, inner = ALIASES[name]
         path = _package_dir(package) / inner
@@ -57,7 +62,93 @@ def locate(name: str) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return path
     known = ", ".join(sorted(ALIASES))
-    raise ModelError(f"model {name!r} is neither a bundled alias ({known}), a local HF folder, nor a .gguf file")
+    raise ModelError(f"model {name!r} is neither a bundled alias ({known}), a trained student "
+                     "(models:RUN_ID/STUDENT), a local HF folder, nor a .gguf file")
+
+
+# --- trained students of the store as models: `models:RUN_ID/STUDENT` -----------------------
+#
+# A student trained by `syllabus train` lives in <store>/models/<run_id>/<student>/ (a save_pretrained
+# folder with its own tokenizer). Naming it `models:RUN_ID/STUDENT` makes it a model like any other:
+# the teacher of another spec (chained distillation), fingerprinted by its weights. Which store the
+# name refers to is set once per process by whoever holds the store (the CLI's --store, and every
+# entry point given a store: run, plan, train, eval), so every resolution goes through locate().
+
+STORE_MODELS = "models:"
+_STORE_MODEL = re.compile(r"models:([A-Za-z0-9][A-Za-z0-9._-]*)/([A-Za-z0-9][A-Za-z0-9._-]*)")
+TRAINING_RECORDS = ("metrics.json",)  # written beside a student's weights; not part of the model
+_store_root: Path | None = None
+
+
+def use_store(root: str | Path) -> None:
+    """The store whose trained students `models:RUN_ID/STUDENT` names from now on (this process)."""
+    global _store_root
+    _store_root = Path(root).expanduser().resolve()
+
+
+def store_root() -> Path:
+    """The store `models:` names refer to: the one set by use_store, else $SYLLABUS_STORE, else .syllabus."""
+    if _store_root is not None:
+        return _store_root
+    return Path(os.environ.get("SYLLABUS_STORE") or ".syllabus").expanduser().resolve()
+
+
+def store_model(name: str) -> tuple[str, str] | None:
+    """(run_id, student) of a `models:RUN_ID/STUDENT` name; None for any other name."""
+    if not isinstance(name, str) or not name.startswith(STORE_MODELS):
+        return None
+    m = _STORE_MODEL.fullmatch(name)
+    if not m:
+        raise ModelError(f"model {name[:120]!r}: a trained student is named models:RUN_ID/STUDENT "
+                         "(`syllabus models` lists them)")
+    return m.group(1), m.group(2)
+
+
+def _store_model_folder(name: str, run_id: str, student: str) -> Path:
+    root = store_root()
+    folder = root / "models" / run_id / student
+    if not (folder / "config.json").is_file():
+        run = folder.parent
+        there = sorted(p.name for p in run.iterdir() if (p / "config.json").is_file()) if run.is_dir() else []
+        has = f"run {run_id} has {', '.join(there)}" if there else f"no run {run_id} there"
+        raise ModelError(f"model {name!r} is not a trained student of store {root}: no {folder}/config.json "
+                         f"({has}; `syllabus models` lists the trained students)")
+    return folder
+
+
+def store_model_lineage(st, name: str) -> dict | None:
+    """Where a `models:` model came from, from the store's catalog: None for any other name.
+
+    {"model", "run_id", "student", "dataset" (NAME@V it was trained on), "spec_hash", "teacher" (its
+    teacher's name), and "teacher_chain" (this same dict) when that teacher was itself a trained
+    student}. A student whose catalog row is missing (or older than this record) says what is known.
+    """
+    found = store_model(name)
+    if found is None:
+        return None
+    run_id, student = found
+    chain: dict = {"model": name, "run_id": run_id, "student": student}
+    row = next((m for m in st.models() if m["run_id"] == run_id and m["student"] == student), None)
+    if row is None:
+        return chain
+    recorded = row.get("lineage") or {}
+    chain.update(dataset=row["ref"], spec_hash=row["spec_hash"])
+    if recorded.get("teacher"):
+        chain["teacher"] = recorded["teacher"]
+    else:  # recorded before training runs kept their teacher: the dataset's teacher is the best guess
+        chain["teacher"] = st.resolve(row["ref"]).teacher
+    if recorded.get("teacher_chain"):
+        chain["teacher_chain"] = recorded["teacher_chain"]
+    return chain
+
+
+def describe_chain(chain: dict) -> str:
+    """One line: 'models:RUN/drop6 (drop6 of demo@3, itself distilled from smollm2-135m-instruct)'."""
+    if not chain.get("dataset"):
+        return f"{chain['model']} (not recorded in the store's catalog)"
+    inner = chain.get("teacher_chain")
+    origin = describe_chain(inner) if inner else chain.get("teacher") or "an unrecorded teacher"
+    return f"{chain['model']} ({chain['student']} of {chain['dataset']}, itself distilled from {origin})"
 
 
 def file_digest(path: Path) -> str:
@@ -77,15 +168,17 @@ def _digest_of(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -
     return h.hexdigest()
 
 
-def folder_digest(folder: Path) -> str:
+def folder_digest(folder: Path, skip: tuple[str, ...] = ()) -> str:
     """Digest of every file of a model folder (pooling configs and vocabularies change outputs too).
 
     Hidden files and everything under hidden folders are left out: lock files, a git checkout's
     .git/ (its index moves on `git status`) and the hub's .cache/ change while the model does not.
+    `skip`: top-level file names that are records about the model, not the model.
     """
     h = hashlib.sha256()
     visible = (p for p in folder.rglob("*")
-               if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+               if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+               and str(p.relative_to(folder)) not in skip)
     for f in sorted(visible):
         h.update(str(f.relative_to(folder)).encode())
         h.update(file_digest(f).encode())
@@ -132,8 +225,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 def fingerprint(name: str) -> str:
     """Stable identity of a model's weights: what a cache key or lineage records."""
     path = locate(name)
-    digest = file_digest(path) if path.is_file() else folder_digest(path)
-    return f"{Path(name).name}@sha256:{digest[:16]}"
+    trained = store_model(name) is not None  # models:RUN/STUDENT: its weights, config and tokenizer
+    digest = file_digest(path) if path.is_file() else folder_digest(path, TRAINING_RECORDS if trained else ())
+    return f"{name if trained else Path(name).name}@sha256:{digest[:16]}"
 
 
 def set_threads() -> int:

@@ -469,6 +469,12 @@ class Splits(Strict):
 # --- students and training ---------------------------------------------------
 
 
+class Vocab(Strict):
+    """A trimmed vocabulary (engine/train/vocab.py): the ids the dataset uses, the keep_frequent
+    earliest-merged ids, every special token and byte, closed under BPE merges."""
+    keep_frequent: int = Field(ge=0)
+
+
 class FromTeacher(Strict):
     """The teacher, compressed: every part optional (none: a copy of the teacher).
 
@@ -483,6 +489,7 @@ class FromTeacher(Strict):
     heads: int | None = Field(None, ge=1)
     kv_heads: int | None = Field(None, ge=1)
     calibration: int = Field(64, ge=1)  # train sequences that measure importance
+    vocab: Vocab | None = None  # trim the vocabulary to what the dataset uses (own tokenizer + id map)
 
     @field_validator("layers")
     @classmethod
@@ -549,6 +556,25 @@ class Student(Strict):
         return next(k for k in ("from_teacher", "config", "model") if getattr(self, k) is not None)
 
 
+class HiddenLoss(Strict):
+    """Hidden-state distillation (engine/train/hidden.py): on the response tokens, each mapped student
+    layer's output is pulled towards the teacher layer's, through a learned linear projection where the
+    widths differ. Needs the teacher's weights here (backend: transformers)."""
+    weight: float = Field(gt=0.0)  # added to the loss: weight * mean over mapped layers of the distance
+    # {student_layer: teacher_layer}, 0-based decoder layers; null: every student layer, evenly spaced,
+    # the student's last onto the teacher's last.
+    layer_map: dict[int, int] | None = Field(None, min_length=1)
+    distance: Literal["cosine", "mse"] = "cosine"
+
+    @field_validator("layer_map")
+    @classmethod
+    def _non_negative(cls, layer_map: dict[int, int] | None) -> dict[int, int] | None:
+        bad = [f"{s}: {t}" for s, t in (layer_map or {}).items() if s < 0 or t < 0]
+        if bad:
+            raise ValueError(f"layers are 0-based, never negative (got {', '.join(bad)})")
+        return layer_map
+
+
 class Loss(Strict):
     # D(teacher top-k + tail || student), see engine/train/losses.py; jsd takes `beta` (TRL's GKD convention).
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
@@ -561,6 +587,7 @@ class Loss(Strict):
     # last step; the hard weight ramps linearly from 0 to hard_weight over hard_warmup_steps.
     temperature_end: float | None = Field(None, gt=0.0)
     hard_warmup_steps: int = Field(0, ge=0)
+    hidden: HiddenLoss | None = None  # hidden-state term beside KD and hard CE (local teacher only)
 
     @model_validator(mode="after")
     def _some_weight(self) -> "Loss":
@@ -585,6 +612,13 @@ class EarlyStopping(Strict):
     patience: int = Field(ge=1)  # epochs without a lower val loss before a student stops
 
 
+def _device(value: str) -> str:
+    """training.device: auto, cpu, cuda or cuda:N (whether CUDA is there is checked when training starts)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", value):
+        raise ValueError(f"{_short(value)} is not a device: use auto, cpu, cuda or cuda:N")
+    return value
+
+
 class Training(Strict):
     student_prompt: TemplateSource | None = None  # Jinja2 over the row: what the student sees
     loss: Loss = Loss()
@@ -598,6 +632,11 @@ class Training(Strict):
     seed: int = 0
     # Train each student once per seed (each replaces `seed`); eval reports mean and min–max over them.
     seeds: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    # Optimizer steps between checkpoints (model, optimizer, schedules, RNG, batch order) that an interrupted
+    # `syllabus train` resumes from; null: none. Neither this nor `device` is part of the run id (runs.training_hash).
+    checkpoint_every: int | None = Field(50, ge=1)
+    # auto: cuda if available, else cpu. On CUDA with bf16, forwards run under bf16 autocast (losses in float32).
+    device: Annotated[str, AfterValidator(_device)] = "cpu"
 
     @field_validator("seeds")
     @classmethod
@@ -655,6 +694,14 @@ class Spec(Strict):
                                      f"(coverage has {', '.join(sorted(known))})")
         return self
 
+    @model_validator(mode="after")
+    def _hidden_needs_local_teacher(self) -> "Spec":
+        if self.training.loss.hidden is not None and self.teacher.backend != "transformers":
+            raise ValueError(f"training.loss.hidden: hidden-state distillation needs the teacher's weights "
+                             f"(teacher.backend: transformers); the {self.teacher.backend} backend gives only "
+                             "tokens and log-probs")
+        return self
+
     @field_validator("students")
     @classmethod
     def _unique_names(cls, students: list[Student]) -> list[Student]:
@@ -690,7 +737,9 @@ def _problem(where: str, err: dict) -> str:
         msg = "unknown key"
     elif err["type"] == "invalid_key" or loc[-1:] == ("[key]",):  # a mapping key, e.g. `1: 2` in YAML
         loc = loc[:-2] if loc[-1:] == ("[key]",) else loc[:-1]
-        msg = f"key {err['input']!r} is not a string"
+        # A key of the wrong type: only string-keyed mappings mean "not a string" (layer_map's keys are ints).
+        msg = (f"key {err['input']!r} is not a string" if err["type"] in ("invalid_key", "string_type")
+               else f"key {err['input']!r}: {msg}")
     field = _field_path(loc)
     return " ".join(f"{where}: {field + ': ' if field else ''}{msg}".split())  # one line, whatever the input held
 

@@ -354,21 +354,26 @@ class Store:
     # ---- models ------------------------------------------------------------------------
 
     def record_model(self, *, dataset: str, version: int, run_id: str, student: str, path: Path,
-                     spec_hash: str, metrics: dict) -> None:
-        """Record a trained student of dataset@version (re-recording run_id+student replaces it)."""
+                     spec_hash: str, metrics: dict, lineage: dict | None = None) -> None:
+        """Record a trained student of dataset@version (re-recording run_id+student replaces it).
+
+        `lineage`: where the model came from, as the trainer describes it (e.g. its teacher), kept as given."""
         self.resolve(f"{dataset}@{version}")
         path = Path(path).expanduser().resolve()
         # Relative inside the store, so a moved store keeps working.
         stored = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else str(path)
         try:
             metrics_json = json.dumps(metrics, sort_keys=True)
+            lineage_json = json.dumps(lineage or {}, sort_keys=True)
         except (TypeError, ValueError) as e:
-            raise StoreError(f"metrics of {run_id}/{student} are not JSON-serialisable: {e}") from None
+            raise StoreError(f"metrics or lineage of {run_id}/{student} are not JSON-serialisable: {e}") from None
         self.catalog.record_model(dataset=dataset, version=version, run_id=run_id, student=student,
-                                  path=stored, spec_hash=spec_hash, metrics_json=metrics_json)
+                                  path=stored, spec_hash=spec_hash, metrics_json=metrics_json,
+                                  lineage_json=lineage_json)
 
     def models(self, dataset: str | None = None, version: int | None = None) -> list[dict]:
-        """Recorded students, oldest first: dataset, version, ref, run_id, student, path, spec_hash, metrics, created."""
+        """Recorded students, oldest first: dataset, version, ref, run_id, student, path, spec_hash, metrics,
+        created, lineage ({} where none was recorded)."""
         return self.catalog.models(dataset, version)
 
 

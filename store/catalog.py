@@ -23,7 +23,7 @@ from .errors import ParentMoved, StoreError
 from .files import crash_point
 from .layout import Segment, pack_deleted, unpack_deleted
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; bump with a migration when tables change
+SCHEMA_VERSION = 3  # PRAGMA user_version; bump with a migration when tables change
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS versions (
@@ -79,6 +79,8 @@ _SCHEMA = [
 # v1 -> v2: files gain a deletion vector (row positions of the file not in this version).
 _FILE_COLUMNS = {"deleted": "ALTER TABLE files ADD COLUMN deleted BLOB",
                  "live_rows": "ALTER TABLE files ADD COLUMN live_rows INTEGER"}
+# v2 -> v3: a trained model records where it came from (JSON: its teacher, a chain of teachers).
+_MODEL_COLUMNS = {"lineage": "ALTER TABLE models ADD COLUMN lineage TEXT"}
 
 TAG = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
@@ -158,6 +160,10 @@ class Catalog:
                         con.execute(stmt)
                     have = {r[1] for r in con.execute("PRAGMA table_info(files)")}
                     for column, stmt in _FILE_COLUMNS.items():
+                        if column not in have:
+                            con.execute(stmt)
+                    have = {r[1] for r in con.execute("PRAGMA table_info(models)")}
+                    for column, stmt in _MODEL_COLUMNS.items():
                         if column not in have:
                             con.execute(stmt)
                     con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -307,24 +313,26 @@ class Catalog:
         return row[0]
 
     def record_model(self, *, dataset: str, version: int, run_id: str, student: str, path: str,
-                     spec_hash: str, metrics_json: str) -> None:
+                     spec_hash: str, metrics_json: str, lineage_json: str = "{}") -> None:
         with self._connect() as con, _transaction(con):
             # Re-recording a run's student (e.g. after re-evaluation) replaces its row.
             con.execute(
-                "INSERT INTO models (dataset, version, run_id, student, path, spec_hash, metrics, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, student) DO UPDATE SET"
+                "INSERT INTO models (dataset, version, run_id, student, path, spec_hash, metrics, created, lineage)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, student) DO UPDATE SET"
                 " dataset=excluded.dataset, version=excluded.version, path=excluded.path,"
-                " spec_hash=excluded.spec_hash, metrics=excluded.metrics, created=excluded.created",
-                (dataset, version, run_id, student, path, spec_hash, metrics_json, now()))
+                " spec_hash=excluded.spec_hash, metrics=excluded.metrics, created=excluded.created,"
+                " lineage=excluded.lineage",
+                (dataset, version, run_id, student, path, spec_hash, metrics_json, now(), lineage_json))
 
     def models(self, dataset: str | None = None, version: int | None = None) -> list[dict]:
         where, params = _where(dataset=dataset, version=version)
         with self._connect() as con:
             rows = con.execute(
-                "SELECT dataset, version, run_id, student, path, spec_hash, metrics, created"
+                "SELECT dataset, version, run_id, student, path, spec_hash, metrics, created, lineage"
                 f" FROM models{where} ORDER BY id", params).fetchall()
         return [dict(dataset=d, version=v, ref=f"{d}@{v}", run_id=r, student=s, path=self.root / p,
-                     spec_hash=h, metrics=json.loads(m), created=c) for d, v, r, s, p, h, m, c in rows]
+                     spec_hash=h, metrics=json.loads(m), created=c, lineage=json.loads(lin or "{}"))
+                for d, v, r, s, p, h, m, c, lin in rows]
 
 
 # Module-level so a test can make one of them fail mid-transaction.

@@ -185,3 +185,44 @@ def test_loss_spec():
                 {"hard_warmup_steps": -1}, {"gold_weight": 0.5}):
         with pytest.raises(ValidationError):
             Loss(**bad)
+
+
+def test_bucket_log_probs_match_the_autograd_composition_and_survive_underflow():
+    """The hand-written bucket (one softmax, own backward) against log_softmax + gather + logsumexp:
+    values and gradients, with absent slots, and on rows whose tail underflows float32 (a student
+    200 nats sure of one id), where a plain sum of probabilities would give log(0)."""
+    from engine.train.losses import NEG_INF
+
+    torch.manual_seed(3)
+    n, v, k = 6, 50, 4
+    logits = torch.randn(n, v, dtype=torch.float64) * 3
+    logits[0, 7] = 250.0  # everything else ~exp(-250): the tail underflows in float32
+    ids = torch.randint(0, v, (n, k))
+    ids[0, 0] = 7
+    valid = torch.ones(n, k, dtype=torch.bool)
+    valid[1, 2:] = False
+    weights = torch.randn(n, k + 1, dtype=torch.float64)
+
+    def reference(z):
+        logp = z.log_softmax(-1)
+        top = logp.gather(-1, ids).masked_fill(~valid, NEG_INF)
+        redirected = torch.where(valid, ids, ids[:, :1])
+        rest = logp.scatter(-1, redirected, NEG_INF).logsumexp(-1)
+        return torch.cat([top, rest.unsqueeze(-1)], -1)
+
+    results = []
+    for fn, dtype in ((reference, torch.float64), (student_log_probs, torch.float32)):
+        z = logits.detach().to(dtype).clone().requires_grad_(True)
+        out = fn(z, ids, valid) if fn is student_log_probs else fn(z)
+        finite = torch.isfinite(out)
+        (torch.where(finite, out, 0.0) * weights.to(dtype)).sum().backward()
+        results.append((out.double(), finite, z.grad.double()))
+    (ref, ref_finite, ref_grad), (got, got_finite, got_grad) = results
+    assert torch.equal(ref_finite, got_finite)
+    assert torch.isfinite(got[0, -1]) and got[0, -1] < -200  # the underflowed tail, still exact
+    assert torch.allclose(got[ref_finite], ref[ref_finite], rtol=1e-5, atol=1e-4)
+    assert torch.allclose(got_grad, ref_grad, atol=1e-5)
+    # float64 in, float64 gradient: torch's own numerical check of the hand-written backward
+    z = logits[1:].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: student_log_probs(x, ids[1:], valid[1:]).masked_fill(
+        ~torch.cat([valid[1:], torch.ones(n - 1, 1, dtype=torch.bool)], -1), 0.0), (z,))

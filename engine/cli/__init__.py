@@ -1,7 +1,7 @@
 """The `syllabus` command: parse, call one function, print.
 
 Each module registers its verbs on the shared app: curate (validate, plan, run, train,
-eval), datasets (versions, show, sql, diff, export, tag, gc, verify), init. Errors users
+eval), datasets (versions, show, models, sql, diff, export, tag, gc, verify), init. Errors users
 can fix (a bad spec, a missing file, an unknown version) print as one line, without a
 traceback, and exit with status 1.
 """

@@ -19,10 +19,19 @@ err = Console(stderr=True)
 StoreOption = typer.Option(None, "--store", help="store folder (default: $SYLLABUS_STORE or .syllabus)")
 
 
+def store_path(path: Optional[Path]) -> Path:
+    """--store, else $SYLLABUS_STORE, else .syllabus; also the store `models:RUN_ID/STUDENT` names refer to."""
+    from engine.models import use_store
+
+    found = path or Path(os.environ.get("SYLLABUS_STORE", ".syllabus"))
+    use_store(found)
+    return found
+
+
 def open_store(path: Optional[Path]):
     import store
 
-    return store.open(path or Path(os.environ.get("SYLLABUS_STORE", ".syllabus")))
+    return store.open(store_path(path))
 
 
 def print_cut_off(console: Console, shares) -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from engine.cli.common import StoreOption, app, err, open_store, out, print_cut_off
+from engine.cli.common import StoreOption, app, err, open_store, out, print_cut_off, store_path
 
 
 def _spec(path: Path):
@@ -35,16 +35,34 @@ def _every_problem():
 
 
 @app.command()
-def validate(spec: Path = typer.Argument(..., help="spec file (YAML)")):
-    """Check a spec: fields, files and templates. Every problem is one line naming the file and the field."""
+def validate(spec: Path = typer.Argument(..., help="spec file (YAML)"),
+             store: Optional[Path] = typer.Option(None, "--store", help="store whose trained students a "
+                                                  "`models:RUN_ID/STUDENT` teacher names (default: "
+                                                  "$SYLLABUS_STORE or .syllabus); never written")):
+    """Check a spec: fields, files and templates, a trained-student teacher, each student's size.
+    Every problem is one line naming the file and the field."""
+    from engine.preflight import check_teacher, student_shapes
     from engine.templates import check_spec_templates
 
     s = _spec(spec)
     with _every_problem():
         taken = check_spec_templates(s)
+    store_path(store)  # only where `models:` names point: validate creates no store
+    check_teacher(s)
+    shapes = student_shapes(s)
     for line in taken:  # which fields were read as files and which as inline text
         out.print(f"{spec}: {line}", highlight=False)
+    _print_shapes(shapes)
     out.print(f"{spec}: ok — dataset {s.name!r}, {len(s.sources)} source(s), {len(s.students)} student(s)")
+
+
+def _print_shapes(shapes) -> None:
+    from engine.preflight import shapes_table
+
+    if shapes.rows:
+        out.print(shapes_table(shapes))
+    if shapes.note:
+        out.print(f"note: {escape(shapes.note)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -71,9 +89,13 @@ def plan(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optio
     from rich.table import Table
 
     from engine.curate.plan import make_plan
+    from engine.preflight import check_teacher, student_shapes
 
     s = _spec(spec)
-    p = make_plan(s, open_store(store))
+    st = open_store(store)
+    check_teacher(s)
+    shapes = student_shapes(s)  # an impossible student fails here, before any stage runs
+    p = make_plan(s, st)
     table = Table(title=f"plan for {s.name}")
     table.add_column("stage")
     table.add_column("status")
@@ -91,6 +113,7 @@ def plan(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optio
     if p.top_up:
         out.print("plus the calls of top-up rounds for categories short of their quota "
                   "(coverage.augment_until_quota), known only once selection has run")
+    _print_shapes(shapes)
 
 
 def _seeds(text: Optional[str]) -> Optional[list[int]]:

@@ -73,6 +73,10 @@ def show(ref: str = typer.Argument(..., help="NAME@V, NAME@latest or NAME@TAG"),
     lines = [("dataset", info.ref), ("parent", f"{info.dataset}@{info.parent}" if info.parent else "-"),
              ("created", info.created), ("spec hash", info.spec_hash or "-"), ("teacher", info.teacher or "-"),
              ("code version", info.code_version or "-")]
+    if info.lineage.get("teacher_chain"):  # the teacher was a trained student (models:RUN_ID/STUDENT)
+        from engine.models import describe_chain
+
+        lines.insert(5, ("teacher chain", describe_chain(info.lineage["teacher_chain"])))
     if info.lineage.get("spec_path"):
         lines.append(("spec path", str(info.lineage["spec_path"])))
     for table_name, f in s.files.items():
@@ -86,10 +90,45 @@ def show(ref: str = typer.Argument(..., help="NAME@V, NAME@latest or NAME@TAG"),
             text = "  ".join(f"{k}={v}" for k, v in stats.items()) if isinstance(stats, dict) else str(stats)
             out.print(f"    {stage:<12} {text}", highlight=False, soft_wrap=True)
     for m in s.models:
-        out.print(f"  model            {m['run_id']}/{m['student']} -> {m['path']}", highlight=False)
+        out.print(f"  model            models:{m['run_id']}/{m['student']} -> {m['path']}"
+                  + (f" (teacher: {_model_teacher(m)})" if m["lineage"] else ""), highlight=False, soft_wrap=True)
     if info.spec_text:
         out.print("\n[bold]spec[/]")
         out.print(info.spec_text.rstrip(), highlight=False, markup=False)
+
+
+def _model_teacher(m: dict) -> str:
+    """A trained model's teacher, with the chain when the teacher was itself a trained student."""
+    from engine.models import describe_chain
+
+    lineage = m["lineage"]
+    chain = lineage.get("teacher_chain")
+    return describe_chain(chain) if chain else str(lineage.get("teacher") or "-")
+
+
+@app.command()
+def models(name: Optional[str] = typer.Argument(None, help="dataset name (default: all)"),
+           store: Optional[Path] = StoreOption,
+           as_json: bool = typer.Option(False, "--json", help="print the rows as JSON")):
+    """Trained students: the name another spec's teacher can use (models:RUN_ID/STUDENT), the data
+    each was trained on, and its teacher (with the chain when that teacher was itself a student)."""
+    st = open_store(store)
+    if name is not None:
+        st.versions(name)  # an unknown dataset is an error, not an empty list
+    rows = [m for m in st.models() if name is None or m["dataset"] == name]
+    if as_json:
+        sys.stdout.write(json.dumps([{**m, "name": f"models:{m['run_id']}/{m['student']}", "path": str(m["path"])}
+                                     for m in rows], indent=2, default=str) + "\n")
+        return
+    table = Table()
+    for column in ("model", "dataset", "teacher", "created"):
+        table.add_column(column)
+    for m in rows:
+        table.add_row(f"models:{m['run_id']}/{m['student']}", m["ref"], _model_teacher(m) if m["lineage"] else "-",
+                      m["created"][:19].replace("T", " "))
+    out.print(table)
+    if not rows:
+        out.print("no trained students yet: `syllabus train SPEC` trains them", style="dim")
 
 
 def _spec_measure(spec_text: str | None) -> str | None:

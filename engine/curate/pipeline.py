@@ -26,6 +26,8 @@ from engine.curate.curation import Curation, run_stage
 from engine.curate.stage_cache import StageCache, stage_key
 from engine.curate.top_up import top_up_until_quota
 from engine.errors import Interrupted
+from engine.models import store_model_lineage, use_store
+from engine.preflight import check_teacher
 from engine.stages import stages_for
 from engine.stages.base import RunContext
 from engine.teachers import teacher_fingerprint
@@ -78,6 +80,8 @@ class RunResult:
 def curate(spec, st, *, progress: bool = True, console: Console | None = None):
     """Run every stage; returns (examples, rejections, per-stage stats, counters)."""
     console = console or Console(stderr=True, quiet=not progress)
+    use_store(st.root)  # a `models:RUN_ID/STUDENT` teacher is a student of this store
+    check_teacher(spec)  # a chained teacher that is not there stops the run before any stage
     check_spec_templates(spec)  # a template error stops the run before any stage
     ctx = RunContext(spec=spec, cache_dir=st.root / "cache", progress=progress, store=st)
     cur = Curation(ctx, StageCache(ctx.cache_dir), stage_keys(spec, st), console)
@@ -111,6 +115,9 @@ def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | 
         "code_version": engine.__version__,
         "stats": stage_stats,
     }
+    chain = store_model_lineage(st, spec.teacher.model) if spec.teacher.backend == "transformers" else None
+    if chain:  # the teacher is a trained student: which run, which data, and its own teacher
+        lineage["teacher_chain"] = chain
     tables = {"examples": examples.to_arrow(), "rejections": rejected.to_arrow()}
     for attempt in range(COMMIT_ATTEMPTS):
         try:

@@ -37,6 +37,9 @@ LOWER = {"": "at least ", "at least ": "at least ", "at most ": "roughly ", "rou
 
 
 def make_plan(spec, st) -> Plan:
+    from engine.models import use_store
+
+    use_store(st.root)  # a `models:RUN_ID/STUDENT` teacher is a student of this store
     ctx = RunContext(spec=spec, cache_dir=st.root / "cache", progress=False, store=st)
     cache = StageCache(ctx.cache_dir)
     keyed = stage_keys(spec, st)

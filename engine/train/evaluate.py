@@ -40,6 +40,7 @@ from engine.models import chat_prompt_ids, load_causal_lm, resolve_causal_lm, se
 from engine.spec import Spec, SpecError
 from engine.teachers.answers import normalise_answer, normalise_text, split_answer
 from engine.train.data import collate, encode, response_logits, student_texts
+from engine.train.device import resolve_device, to_device
 from engine.train.losses import token_kl
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -270,6 +271,7 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
         raise SpecError(f"{spec.path or '<spec>'}: eval: nothing to evaluate on "
                         f"(no rows in split {spec.eval.split!r} and no eval.sources)")
     set_threads()
+    device = resolve_device(spec.training.device, str(spec.path or "<spec>"))
     marker = spec.teacher.reasoning.answer_marker if spec.teacher.reasoning else None
     max_new = spec.eval.max_new_tokens or spec.teacher.generation.max_new_tokens
     batch = spec.teacher.batch_size
@@ -292,6 +294,7 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
         tick = lambda: bar.advance(task)  # noqa: E731
 
         teacher, tokenizer = load_causal_lm(spec.teacher.model)
+        teacher.to(device)  # training.device, as the students trained (float32 here, no autocast)
         # Every model is timed on the same ids: the teacher's context of the first set's first rows.
         speed_ids = [chat_prompt_ids(tokenizer, t) for t in first["teacher_prompt"].to_list()[:n_speed]]
         size = {"params": count_params(teacher), "disk_bytes": weights_bytes(resolve_causal_lm(spec.teacher.model)),
@@ -307,9 +310,15 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
 
         for run in students:
             bar.update(task, description=run.name if run.seed is None else f"{run.name} (seed {run.seed})")
-            model, tok = load_causal_lm(str(run.folder))
+            model, tok = load_causal_lm(str(run.folder))  # with the tokenizer saved beside it
+            model.to(device)
+            # A trimmed vocabulary (from_teacher vocab:) has a tokenizer of its own: it reads the same
+            # texts as its own ids, for speed as for answers.
+            trimmed = tok.get_vocab() != tokenizer.get_vocab()
+            ids = ([chat_prompt_ids(tok, t) for t in first["teacher_prompt"].to_list()[:n_speed]] if trimmed
+                   else speed_ids)
             size = {"params": count_params(model), "disk_bytes": weights_bytes(Path(run.folder)),
-                    "decode_tok_s": decode_speed(model, tok, speed_ids, spec.eval.speed_tokens, tick)}
+                    "decode_tok_s": decode_speed(model, tok, ids, spec.eval.speed_tokens, tick)}
             for s, report, gold, cats, reference, t_scores in zip(sets, reports, golds, categories, teacher_answers,
                                                                   teacher_scores):
                 texts = student_texts(_as_examples(s.rows), spec.training.student_prompt)
@@ -320,7 +329,15 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
                 acc, t_acc = scores["accuracy"], t_scores["accuracy"]
                 retention = acc / t_acc if acc is not None and t_acc else None
                 ci = retention_interval(np.array(scores["correct_rows"]), np.array(t_scores["correct_rows"]))
-                kl = mean_token_kl(model, tok, s.rows, texts, batch, tick)
+                if trimmed:
+                    # Token KL is skipped (None) for a trimmed vocabulary: the stored responses may hold ids
+                    # it lacks (the eval rows were not in the vocabulary's choice), and folding the top-k
+                    # ids it lacks into the tail gives a coarser KL, not comparable with the other rows'.
+                    kl = None
+                    for _ in range(-(-s.rows.height // batch)):
+                        tick()
+                else:
+                    kl = mean_token_kl(model, tok, s.rows, texts, batch, tick)
                 report["models"].append(_row(run.name, kinds.get(run.name, "student"), run.seed, s, size, scores, kl,
                                              report["baseline"], retention=retention, retention_ci=ci))
             del model
@@ -369,7 +386,8 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new: int, bat
     stops = set(np.atleast_1d(config.eos_token_id).tolist())
     texts = []
     for start in range(0, len(prompts), batch):
-        padded = tokenizer.pad({"input_ids": prompts[start : start + batch]}, padding=True, return_tensors="pt")
+        padded = tokenizer.pad({"input_ids": prompts[start : start + batch]}, padding=True,
+                               return_tensors="pt").to(model.device)
         out = model.generate(**padded, generation_config=config)
         for row in out[:, padded["input_ids"].shape[1] :].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
@@ -382,11 +400,13 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new: int, bat
 def decode_speed(model, tokenizer, prompts: list[list[int]], n_tokens: int, tick=lambda: None) -> float:
     """Median batch-1 greedy tokens/s over the prompts, each decoding exactly n_tokens."""
     config = _greedy(model, tokenizer, n_tokens, exactly=True)
-    model.generate(torch.tensor([prompts[0]]), generation_config=_greedy(model, tokenizer, 2, exactly=True))  # warm-up
+    model.generate(torch.tensor([prompts[0]], device=model.device),
+                   generation_config=_greedy(model, tokenizer, 2, exactly=True))  # warm-up
     rates = []
     for ids in prompts:
         start = time.perf_counter()
-        model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        model.generate(torch.tensor([ids], device=model.device),
+                       attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
                        generation_config=config)
         rates.append(n_tokens / (time.perf_counter() - start))
         tick()
@@ -399,7 +419,7 @@ def mean_token_kl(model, tokenizer, rows: pl.DataFrame, texts: list[str], batch:
     encoded = encode(rows, tokenizer, texts)
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch):
-        b = collate(encoded[start : start + batch], tokenizer.pad_token_id)
+        b = to_device(collate(encoded[start : start + batch], tokenizer.pad_token_id), model.device)
         kl = token_kl(response_logits(model, b), b["topk_ids"], b["topk_logprobs"], temperature=1.0)
         total, count = total + kl.sum().item(), count + kl.numel()
         tick()

@@ -1,18 +1,25 @@
 """One pass over the train split feeds every student of the spec.
 
 Each shuffled batch is collated once and handed to each student in turn, so adding a
-student costs its own forward/backward only. Students never see the teacher model:
-they learn from the stored tokens and top-k log-probs.
+student costs its own forward/backward only. Students learn from the stored tokens and top-k
+log-probs; only with training.loss.hidden is the teacher model kept, to run one no-grad forward
+per micro-batch whose hidden states every student's hidden term reads (engine/train/hidden.py).
 
 An optimizer step takes batch_size * grad_accum examples as grad_accum micro-batches, each
 weighted by its share of the response tokens (the gradient of one batch holding them all).
 The hard weight and the temperature follow their schedules per optimizer step. After each
 epoch every student's loss on the val split (no grad) is recorded; early stopping and
 `keep: best` act on it. The defaults reproduce the single-batch, fixed-loss trainer exactly.
+
+Every training.checkpoint_every steps the whole state (engine/train/checkpoint.py) is saved, and
+a run that finds its checkpoint resumes from it with the same batches, to the same weights. The
+students train on training.device: the CPU path is plain float32; on CUDA, forwards run under
+bf16 autocast with the losses in float32 (engine/train/device.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -28,8 +35,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from engine.models import load_causal_lm, set_threads
 from engine.spec import Loss, Spec, SpecError, Student
 from engine.train.data import collate, encode, response_logits, student_texts
+from engine.train.device import autocast, autocast_dtype, resolve_device, to_device
+from engine.train.hidden import HiddenDistill, check_teacher_layers, decoder_layers, with_teacher_hidden
 from engine.train.losses import distillation_loss
 from engine.train.students import build_student, lr_depths
+from engine.train.vocab import dataset_ids, remap_for
 
 CURVE_POINTS = 100  # loss-curve points kept per student, whatever the run length
 
@@ -68,6 +78,7 @@ def temperature_at(loss: Loss, step: int, total_steps: int) -> float:
 
 
 def _loss(model, batch: dict[str, torch.Tensor], loss: Loss, hard_weight: float, temperature: float):
+    batch = remap_for(model, batch)  # a trimmed vocabulary: teacher ids -> the student's (engine/train/vocab.py)
     return distillation_loss(response_logits(model, batch), batch["topk_ids"], batch["topk_logprobs"],
                              batch["targets"], kd_weight=loss.kd_weight, hard_weight=hard_weight,
                              temperature=temperature, divergence=loss.divergence, beta=loss.beta, tail=loss.tail)
@@ -94,11 +105,26 @@ class Trainee:
     best: list[float] | None = None  # [epoch, step, loss] of the lowest val loss
     best_state: dict[str, torch.Tensor] | None = None
     epochs_without_improvement: int = 0
+    # Per optimizer step, token-weighted over its micro-batches and unweighted by the loss weights:
+    # kd (T^2 * divergence), hard (CE on the teacher's token) and, with training.loss.hidden, hidden.
+    components: dict[str, list[float]] = field(default_factory=dict)
+    hidden: HiddenDistill | None = None  # training.loss.hidden: layer map and projections (not saved)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    # What a checkpoint keeps of a trainee beside its model, optimizer, scheduler and projections.
+    RECORDS = ("losses", "lrs", "temperatures", "hard_weights", "grad_norms", "val_losses", "components", "tokens",
+               "seconds", "val_seconds", "active", "stopped_early", "best", "best_state", "epochs_without_improvement")
 
     @classmethod
     def create(cls, spec: Spec, student: Student, teacher, tokenizer, total_steps: int,
-               calibration: list[list[int]] | None = None) -> "Trainee":
-        model = build_student(spec, student, teacher, tokenizer, calibration)
+               calibration: list[list[int]] | None = None, used_ids: set[int] | None = None,
+               device: torch.device | None = None) -> "Trainee":
+        model = build_student(spec, student, teacher, tokenizer, calibration, used_ids)
+        device = device or torch.device("cpu")
+        model.to(device)  # on the CPU: nothing moves
+        # After the seeded student build: the projections' init is seeded too.
+        hidden = HiddenDistill.for_student(spec, student, model, teacher).to(device) \
+            if spec.training.loss.hidden is not None else None
         opt = spec.training.optimizer
         decay = opt.layerwise_lr_decay if student.kind != "config" else 1.0
         groups = []
@@ -107,11 +133,33 @@ class Trainee:
             # nanoGPT: decay matrices and embeddings, never norms or biases.
             groups.append({"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": opt.weight_decay})
             groups.append({"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0})
+        if hidden is not None and hidden.projections is not None:  # trained beside the student, at the top lr
+            groups.append({"params": list(hidden.parameters()), "lr": opt.lr, "weight_decay": opt.weight_decay})
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
         factor = lr_schedule(total_steps, opt.warmup_steps, opt.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         model.train()
-        return cls(student, model, optimizer, scheduler, opt.lr)
+        return cls(student, model, optimizer, scheduler, opt.lr, hidden=hidden, device=device)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer trains: the student's parameters, then its hidden-state projections."""
+        return [*self.model.parameters(), *(self.hidden.parameters() if self.hidden is not None else ())]
+
+    def state_dict(self) -> dict:
+        """Everything a checkpoint needs to continue this trainee exactly (engine/train/checkpoint.py)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "hidden": self.hidden.state_dict() if self.hidden is not None else None,
+                **{name: getattr(self, name) for name in self.RECORDS}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.hidden is not None:
+            self.hidden.load_state_dict(state["hidden"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for name in self.RECORDS:
+            setattr(self, name, state[name])
 
     def step(self, micro_batches: list[dict[str, torch.Tensor]], spec: Spec, step: int, total_steps: int) -> float:
         """One optimizer step over grad_accum micro-batches; returns its loss."""
@@ -120,7 +168,7 @@ class Trainee:
         self.lrs.append(self.lr * self.scheduler.lr_lambdas[0](step))
         clip = spec.training.optimizer.clip_grad_norm
         # max_norm inf: measures the norm and scales by exactly 1.
-        self.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip or math.inf)))
+        self.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.parameters(), clip or math.inf)))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -138,17 +186,36 @@ class Trainee:
         self.hard_weights.append(hard)
         n = sum(int(b["mask"].sum()) for b in micro_batches)
         total = 0.0
+        components = dict.fromkeys(("kd", "hard") + (("hidden",) if self.hidden is not None else ()), 0.0)
         for batch in micro_batches:
-            parts = _loss(self.model, batch, loss_spec, hard, temperature)
-            loss = parts.loss if len(micro_batches) == 1 else parts.loss * (parts.tokens / n)
+            parts, hidden = self.forward(batch, loss_spec, hard, temperature)
+            objective = parts.loss if hidden is None else parts.loss + loss_spec.hidden.weight * hidden
+            share = 1.0 if len(micro_batches) == 1 else parts.tokens / n
+            loss = objective if len(micro_batches) == 1 else objective * share
             loss.backward()
             total += loss.item()
             self.tokens += parts.tokens
+            components["kd"] += parts.kd.item() * share
+            components["hard"] += parts.ce.item() * share
+            if hidden is not None:
+                components["hidden"] += hidden.item() * share
+        for name, value in components.items():
+            self.components.setdefault(name, []).append(value)
         return total
 
+    def forward(self, batch: dict[str, torch.Tensor], loss_spec: Loss, hard_weight: float, temperature: float):
+        """(LossParts, hidden term or None) of one batch: one student forward (under autocast on CUDA),
+        whose mapped layers' outputs the hidden term reads through hooks."""
+        hooks = self.hidden.capture(self.model, batch["mask"]) if self.hidden is not None else contextlib.nullcontext()
+        with autocast(self.device), hooks as states:
+            parts = _loss(self.model, batch, loss_spec, hard_weight, temperature)
+        hidden = self.hidden(states, batch["teacher_hidden"]) if self.hidden is not None else None
+        return parts, hidden
+
     def validate(self, batches: list[dict[str, torch.Tensor]], spec: Spec, total_steps: int) -> float:
-        """The training loss on the val split, no grad, token-weighted over all of it. At the schedules'
-        final values (full hard weight, temperature_end), so every epoch's number is comparable."""
+        """The training loss on the val split (the hidden term included), no grad, token-weighted over all
+        of it. At the schedules' final values (full hard weight, temperature_end), so every epoch's number
+        is comparable."""
         start = time.perf_counter()
         loss_spec = spec.training.loss
         temperature = temperature_at(loss_spec, max(0, total_steps - 1), total_steps)
@@ -156,8 +223,9 @@ class Trainee:
         self.model.eval()
         with torch.no_grad():
             for batch in batches:
-                parts = _loss(self.model, batch, loss_spec, loss_spec.hard_weight, temperature)
-                total += parts.loss.item() * parts.tokens
+                parts, hidden = self.forward(batch, loss_spec, loss_spec.hard_weight, temperature)
+                loss = parts.loss if hidden is None else parts.loss + loss_spec.hidden.weight * hidden
+                total += loss.item() * parts.tokens
                 n += parts.tokens
         self.model.train()
         self.val_seconds += time.perf_counter() - start
@@ -177,18 +245,27 @@ class Trainee:
                 self.active, self.stopped_early = False, True
 
 
-def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progress: bool = True) -> dict[str, dict]:
-    """Train every student of the spec on the train split; save each to out_dir/<name>/."""
+def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progress: bool = True,
+                   checkpoints=None) -> dict[str, dict]:
+    """Train every student of the spec on the train split; save each to out_dir/<name>/.
+
+    checkpoints: the run's RunCheckpoints (engine/train/checkpoint.py), held open by the caller. Every
+    training.checkpoint_every optimizer steps the whole training state is saved there, and a checkpoint
+    found there is resumed from: the run then ends with exactly the weights of an uninterrupted one.
+    """
     where = spec.path or "<spec>"
     if not spec.students:
         raise SpecError(f"{where}: students: the spec names no student to train")
     cfg = spec.training
+    device = resolve_device(cfg.device, where)
     patience = cfg.early_stopping.patience if cfg.early_stopping else None
     keep_best = (cfg.keep or ("best" if cfg.early_stopping else "last")) == "best"
     train = examples.filter(pl.col("split") == "train")
     val = examples.filter(pl.col("split") == "val")
     set_threads()
     teacher, tokenizer = load_causal_lm(spec.teacher.model)
+    if cfg.loss.hidden is not None:  # before any student is built: a bad teacher layer fails at once
+        check_teacher_layers(cfg.loss.hidden.layer_map, len(decoder_layers(teacher)), where)
     encoded = encode(train, tokenizer, student_texts(train, cfg.student_prompt))
     if not encoded:
         raise SpecError(f"{where}: training: the train split has no example with teacher tokens to learn from")
@@ -197,54 +274,110 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
         what = "early_stopping" if patience is not None else "keep: best"
         raise SpecError(f"{where}: training.{what} needs the val loss, and the val split has no example "
                         "with teacher tokens (give splits.val a share)")
-    val_batches = [collate(val_encoded[i : i + cfg.batch_size], tokenizer.pad_token_id)
+    val_batches = [to_device(collate(val_encoded[i : i + cfg.batch_size], tokenizer.pad_token_id), device)
                    for i in range(0, len(val_encoded), cfg.batch_size)]
 
     group = cfg.batch_size * cfg.grad_accum  # examples per optimizer step
     steps_per_epoch = math.ceil(len(encoded) / group)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     calibration = [e.prompt_ids + e.token_ids for e in encoded]  # where from_teacher pruning measures importance
-    trainees = [Trainee.create(spec, s, teacher, tokenizer, total_steps, calibration) for s in spec.students]
+    used_ids = dataset_ids(encoded + val_encoded)  # what a trimmed vocabulary must keep
+    trainees = [Trainee.create(spec, s, teacher, tokenizer, total_steps, calibration, used_ids, device=device)
+                for s in spec.students]
     for t in trainees:  # what pruning kept and why (also in metrics.json under "pruning")
         if progress and getattr(t.model, "pruning_report", None):
             print(t.model.pruning_report["summary"], file=sys.stderr)
-    del teacher  # students learn from stored log-probs; free its memory for training
+    # The teacher layers some student's hidden term reads; none: students learn from stored log-probs alone.
+    teacher_layers = sorted({layer for t in trainees if t.hidden is not None for layer in t.hidden.layer_map.values()})
+    if teacher_layers:
+        teacher.to(device).requires_grad_(False)  # kept, in eval mode, for one no-grad forward per micro-batch
+    else:
+        del teacher  # free its memory for training
+
+    def with_teacher(batches: list[dict]) -> list[dict]:
+        return [with_teacher_hidden(teacher, b, teacher_layers) for b in batches] if teacher_layers else batches
 
     rng = np.random.default_rng(cfg.seed)  # batch order
     torch.manual_seed(cfg.seed)  # anything stochastic inside a student (dropout)
+    # Where the run stands: optimizer steps taken, this epoch's batch order and the next example in it.
+    step, order, position = 0, None, 0
+    before = 0.0  # run seconds spent by the processes this run resumes
+    resumed_from = None
+    names = [s.name for s in spec.students]
+    fits = {"students": names, "examples": len(encoded), "total_steps": total_steps}
+    # Loaded onto the CPU: RNG states must stay there; weights and optimizer state are copied onto the
+    # device by load_state_dict, so a checkpoint written on one device resumes on another.
+    state = checkpoints.load(map_location="cpu") if checkpoints is not None else None
+    if state is not None and state["fits"] != fits:  # the key matched, the data did not: start over
+        print(f"ignoring a checkpoint of run {checkpoints.folder.name} that does not fit it "
+              f"({state['fits']} vs {fits})", file=sys.stderr)
+        checkpoints.discard()
+        state = None
+    if state is not None:
+        for t, saved in zip(trainees, state["trainees"]):
+            t.load_state_dict(saved)
+        step, position, before = state["step"], state["position"], state["run_seconds"]
+        order = state["order"].numpy() if state["order"] is not None else None
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        resumed_from = step
+        print(f"resuming from step {step}", file=sys.stderr)
+        del state
     started = time.perf_counter()
-    step = 0
+
+    def save_checkpoint() -> None:
+        checkpoints.save({
+            "fits": fits, "step": step, "position": position, "run_seconds": before + time.perf_counter() - started,
+            "order": torch.from_numpy(order) if order is not None else None,
+            "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+            "trainees": [t.state_dict() for t in trainees],
+        })
+
+    every = cfg.checkpoint_every if checkpoints is not None else None
     columns = [TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[losses]}")]
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("training", total=total_steps, losses="")
+        task = bar.add_task("training", total=total_steps, losses="", completed=step)
         while step < total_steps and any(t.active for t in trainees):
-            order = rng.permutation(len(encoded))
-            for start in range(0, len(order), group):
-                if step >= total_steps:
-                    break
-                chunk = order[start : start + group]
-                micro = [collate([encoded[i] for i in chunk[j : j + cfg.batch_size]], tokenizer.pad_token_id)
-                         for j in range(0, len(chunk), cfg.batch_size)]
+            if order is None:  # a new epoch (a resumed one goes on with its saved order)
+                order, position = rng.permutation(len(encoded)), 0
+            while position < len(order) and step < total_steps:
+                chunk = order[position : position + group]
+                micro = [to_device(collate([encoded[i] for i in chunk[j : j + cfg.batch_size]], tokenizer.pad_token_id),
+                                   device) for j in range(0, len(chunk), cfg.batch_size)]
+                micro = with_teacher(micro)  # the teacher's hidden states, once for every student
                 for t in trainees:
                     if t.active:
                         t.step(micro, spec, step, total_steps)
                 step += 1
+                position += group
                 running = "  ".join(f"{t.student.name} {np.mean(t.losses[-20:]):.3f}" for t in trainees)
                 bar.update(task, advance=1, losses=running)
+                if every and step % every == 0 and step < total_steps:
+                    save_checkpoint()
             if val_batches:  # after each epoch (or the partial one max_steps ended)
+                batches = with_teacher(val_batches)
                 for t in trainees:
                     if t.active:
-                        t.after_epoch(t.validate(val_batches, spec, total_steps), step / steps_per_epoch,
+                        t.after_epoch(t.validate(batches, spec, total_steps), step / steps_per_epoch,
                                       keep_best, patience)
-    run_seconds = time.perf_counter() - started
+                del batches
+            order = None
+    run_seconds = before + time.perf_counter() - started
+    run = {"device": str(device), "autocast": str(autocast_dtype(device)).removeprefix("torch.") if
+           autocast_dtype(device) else None, "resumed_from_step": resumed_from,
+           "checkpoints": {"every": every, "written": checkpoints.written, "seconds": round(checkpoints.seconds, 3),
+                           "bytes": checkpoints.bytes} if checkpoints is not None else None}
 
     out_dir = Path(out_dir)
     results = {}
     for t in trainees:
         if keep_best and t.best_state is not None:
             t.model.load_state_dict(t.best_state)
-        metrics = _metrics(t, spec, len(encoded), steps_per_epoch, run_seconds, keep_best)
+        metrics = {**_metrics(t, spec, len(encoded), steps_per_epoch, run_seconds, keep_best), **run}
         _save(t, tokenizer, out_dir / t.student.name, metrics)
         results[t.student.name] = metrics
     return results
@@ -286,6 +419,11 @@ def _metrics(t: Trainee, spec: Spec, n_examples: int, steps_per_epoch: int, run_
         "curve_every": every,
         "loss_curve": curve,
         "grad_norm_curve": _loss_curve(t.grad_norms)[1],  # before clipping, window means like loss_curve
+        # Each term of the loss as it ran, unweighted, window means like loss_curve: kd (T^2 * divergence),
+        # hard (CE on the teacher's token) and, with training.loss.hidden, hidden.
+        "loss_components": {name: _loss_curve(values)[1] for name, values in t.components.items()},
+        # [[student layer, teacher layer], ...] the hidden term compared (the spec's layer_map or the default).
+        "hidden_layer_map": [list(p) for p in t.hidden.layer_map.items()] if t.hidden is not None else None,
         "loss": cfg.loss.model_dump(),
         "optimizer": cfg.optimizer.model_dump(),
         # What the schedules gave, at every curve_every-th step (0-based) and the last.
@@ -307,5 +445,6 @@ def _save(t: Trainee, tokenizer, folder: Path, metrics: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     t.model.eval()
     t.model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    own = getattr(t.model, "vocab_map", None)  # a trimmed vocabulary saves its own tokenizer
+    (own.tokenizer if own is not None else tokenizer).save_pretrained(folder)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))

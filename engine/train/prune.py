@@ -24,6 +24,9 @@ of the dataset's own train sequences (student context + teacher response token i
 The result is a plain model of the teacher's class (LlamaForCausalLM for Llama teachers) with a
 consistent config: save_pretrained / from_pretrained round-trip it. With nothing pruned it is the
 teacher, weight for weight.
+
+  vocab    `vocab: {keep_frequent: N}` trims the vocabulary last (engine/train/vocab.py): the
+           embedding (and untied head) rows of the kept ids, a tokenizer of its own, an id map.
 """
 
 from __future__ import annotations
@@ -78,6 +81,13 @@ def _widths(config) -> tuple[int, int, int, int]:
             getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
+def field_error(spec, student, field: str, message: str) -> SpecError:
+    """One line naming students[i].from_teacher.<field> of the spec."""
+    where = spec.path or "<spec>"
+    i = next((k for k, s in enumerate(spec.students) if s.name == student.name), 0)
+    return SpecError(f"{where}: students[{i}].from_teacher.{field}: student {student.name!r}: {message}")
+
+
 def targets(spec, student, teacher_config) -> Targets:
     """The student's shape against this teacher; SpecError naming the field if it cannot be cut from it."""
     ft = student.from_teacher
@@ -86,9 +96,7 @@ def targets(spec, student, teacher_config) -> Targets:
     t_hidden, t_inter, t_heads, t_kv = _widths(t)
 
     def bad(field: str, message: str) -> SpecError:
-        where = spec.path or "<spec>"
-        i = next((k for k, s in enumerate(spec.students) if s.name == student.name), 0)
-        return SpecError(f"{where}: students[{i}].from_teacher.{field}: student {student.name!r}: {message}")
+        return field_error(spec, student, field, message)
 
     if ft.layers is not None:
         out = [i for i in ft.layers if i >= n]
@@ -378,6 +386,8 @@ def summary(name: str, report: dict) -> str:
         before, after = report[field]
         if after != before:
             parts.append(f"{label} {before} -> {after} by {how}")
+    if report.get("vocab"):
+        parts.append(report["vocab"]["summary"])
     parts.append(f"{report['teacher_params'] / 1e6:.2f}M -> {report['params'] / 1e6:.2f}M params ({report['ratio']:.2f}x)")
     if "calibration" in report:
         c = report["calibration"]
@@ -385,9 +395,25 @@ def summary(name: str, report: dict) -> str:
     return f"{name}: " + "; ".join(parts)
 
 
-def from_teacher(spec, student, teacher, calibration: list[list[int]] | None = None, pad_id: int | None = None):
-    """(model, report) for a from_teacher student; `calibration`: train sequences as token ids."""
+def from_teacher(spec, student, teacher, calibration: list[list[int]] | None = None, pad_id: int | None = None,
+                 tokenizer=None, dataset_ids: set[int] | None = None):
+    """(model, report) for a from_teacher student; `calibration`: train sequences as token ids.
+
+    With `vocab:`, the vocabulary is trimmed after depth/width pruning (engine/train/vocab.py) to
+    `dataset_ids` (default: the ids of `calibration`) plus what vocab.keep_frequent adds, using the
+    teacher's `tokenizer`; the model then carries `model.vocab_map` (its own tokenizer and the id map).
+    """
     target = targets(spec, student, teacher.config)
+    trim = None
+    if student.from_teacher.vocab is not None:  # planned first: a tokenizer that cannot be trimmed fails fast
+        from engine.train import vocab
+
+        used = dataset_ids if dataset_ids is not None else {i for s in calibration or [] for i in s}
+        try:
+            trim = vocab.trim(tokenizer, used, student.from_teacher.vocab.keep_frequent,
+                              (teacher.config, getattr(teacher, "generation_config", None)))
+        except vocab.NotTrimmable as e:
+            raise field_error(spec, student, "vocab", str(e)) from None
     importance = None
     if student.from_teacher.needs_calibration:  # keep_layers or a width: importance decides
         if not calibration:
@@ -397,5 +423,13 @@ def from_teacher(spec, student, teacher, calibration: list[list[int]] | None = N
         pad = pad_id if pad_id is not None else (teacher.config.pad_token_id or 0)
         importance = measure_importance(teacher, sample, pad)
     model, report = prune(teacher, target, importance)
+    if trim is not None:
+        from engine.train.vocab import slice_model
+
+        model = slice_model(model, trim.plan.kept)
+        model.vocab_map = trim.vocab_map
+        report["vocab"] = trim.report(student.from_teacher.vocab.keep_frequent)
+        report["params"] = count_params(model)
+        report["ratio"] = round(report["params"] / report["teacher_params"], 4)
     report["summary"] = summary(student.name, report)
     return model, report

@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 from engine.errors import Interrupted, TrainError
+from engine.train.checkpoint import RunCheckpoints, discard_leftover
 
 
 @dataclass
@@ -38,9 +39,24 @@ def training_hash(spec) -> str:
         "teacher": fingerprint(spec.teacher.model),  # weights, not the name: a changed file retrains
         "student_models": [fingerprint(s.model) for s in spec.students if s.model],
         "students": [s.model_dump(mode="json") for s in spec.students],
-        "training": spec.training.model_dump(mode="json", exclude={"seeds"}),  # one run per seed: see with_seed
+        "training": _training_shaping(spec.training),
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def _training_shaping(training) -> dict:
+    """The training settings that name a run. Left out: `seeds` (one run per seed: see with_seed);
+    `checkpoint_every`, which changes when the state is saved, never what is learned (a resumed run
+    ends bit-for-bit where an uninterrupted one does); and `device`: it changes how the same steps are
+    computed (bf16 autocast on CUDA rounds differently from float32 on CPU), not what the run is asked
+    to learn, so asking for the same run on another machine reuses it (or resumes its checkpoint, which
+    loads onto any device) instead of training again. metrics.json records the device a run used.
+    A loss term left at its default (hidden: null) is left out too, so runs named before it existed
+    keep their ids."""
+    shaping = training.model_dump(mode="json", exclude={"seeds", "checkpoint_every", "device"})
+    if shaping["loss"].get("hidden") is None:
+        shaping["loss"].pop("hidden", None)
+    return shaping
 
 
 def seeds_for(spec, seeds: list[int] | None = None) -> list[int] | None:
@@ -77,6 +93,7 @@ def train(spec, st, dataset: str | None = None, *, progress: bool = True) -> Tra
 
     if not spec.students:
         raise TrainError(f"{spec.path}: students: the spec names no student to train")
+    _use_store(spec, st)
     version = _pinned(spec, st, dataset)
     run_id = run_id_for(spec, version)
     run_dir = st.root / "models" / run_id
@@ -86,19 +103,25 @@ def train(spec, st, dataset: str | None = None, *, progress: bool = True) -> Tra
         recorded = {m["student"] for m in st.models(version.dataset, version.version) if m["run_id"] == run_id}
         _record(spec, st, version, run_id, run_dir,
                 {n: json.loads((run_dir / n / "metrics.json").read_text()) for n in names if n not in recorded})
+        discard_leftover(st.root, run_id)  # killed after its rename, before its checkpoint went
         return TrainResult(version.ref, run_id, run_dir, names, created=False)
     examples = st.read(version.ref, "examples")
     if examples.filter(examples["split"] == "train").is_empty():
         raise TrainError(f"{version.ref} has no train rows to learn from")
     # A locked staging folder: gc leaves it alone while training runs; renamed into place at the end.
+    # The run's checkpoints (engine/train/checkpoint.py) outlive an interrupted run, which resumes from them.
+    checkpoints = RunCheckpoints.for_run(st.root, run_id, key=f"{version.ref}:{training_hash(spec)}")
     try:
-        with st.staging(f"train-{run_id}") as staging:
-            metrics = train_students(spec, examples, staging, progress=progress)
+        with checkpoints, st.staging(f"train-{run_id}") as staging:
+            metrics = train_students(spec, examples, staging, progress=progress, checkpoints=checkpoints)
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(run_dir, ignore_errors=True)
             staging.rename(run_dir)
+            checkpoints.discard()
     except KeyboardInterrupt:
-        raise Interrupted(f"training on {version.ref} stopped; no student was saved") from None
+        kept = (f"its checkpoint at step {checkpoints.step} is kept: `syllabus train` again resumes from it"
+                if checkpoints.step is not None else "no student was saved")
+        raise Interrupted(f"training on {version.ref} stopped; {kept}") from None
     try:
         _record(spec, st, version, run_id, run_dir, metrics)
     except KeyboardInterrupt:
@@ -107,10 +130,32 @@ def train(spec, st, dataset: str | None = None, *, progress: bool = True) -> Tra
     return TrainResult(version.ref, run_id, run_dir, names, created=True)
 
 
+def _use_store(spec, st) -> None:
+    """`models:RUN_ID/STUDENT` names students of `st`; a chained teacher must be there before any work."""
+    from engine.models import use_store
+    from engine.preflight import check_teacher
+
+    use_store(st.root)
+    check_teacher(spec)
+
+
+def run_lineage(spec, st, version) -> dict:
+    """What a trained student records of where it came from: its data, its teacher, and, for a
+    teacher that is itself a trained student (`models:RUN_ID/STUDENT`), that student's own lineage."""
+    from engine.models import fingerprint, store_model_lineage
+
+    lineage = {"dataset": version.ref, "teacher": spec.teacher.model, "teacher_fingerprint": fingerprint(spec.teacher.model)}
+    chain = store_model_lineage(st, spec.teacher.model)
+    if chain:
+        lineage["teacher_chain"] = chain
+    return lineage
+
+
 def _record(spec, st, version, run_id: str, run_dir: Path, metrics: dict[str, dict]) -> None:
+    lineage = run_lineage(spec, st, version) if metrics else {}
     for name, student_metrics in metrics.items():
         st.record_model(dataset=version.dataset, version=version.version, run_id=run_id, student=name,
-                        path=run_dir / name, spec_hash=spec.spec_hash, metrics=student_metrics)
+                        path=run_dir / name, spec_hash=spec.spec_hash, metrics=student_metrics, lineage=lineage)
 
 
 def evaluate(spec, st, dataset: str | None = None, *, seeds: list[int] | None = None, progress: bool = True) -> tuple[dict, Path]:
@@ -123,6 +168,7 @@ def evaluate(spec, st, dataset: str | None = None, *, seeds: list[int] | None = 
     from engine.stages.base import RunContext
     from engine.train.evaluate import METHODS, EvalSet, StudentRun, evaluate_sets, source_sets, split_set
 
+    _use_store(spec, st)
     version = _pinned(spec, st, dataset)
     chosen = seeds_for(spec, seeds)
     runs = [(seed, with_seed(spec, seed)) for seed in chosen] if chosen else [(spec.training.seed, spec)]

@@ -1,7 +1,9 @@
 """Build students from the teacher: pruned copies (engine/train/prune.py), fresh configs, or local models.
 
 Every student shares the teacher's tokenizer, so the stored top-k ids index its
-vocabulary directly; that is checked where it is not true by construction.
+vocabulary directly; that is checked where it is not true by construction. The exception is a
+from_teacher student with `vocab:` (engine/train/vocab.py): it carries its own trimmed tokenizer
+and an id map (`model.vocab_map`) through which the trainer remaps each batch.
 """
 
 from __future__ import annotations
@@ -17,18 +19,21 @@ from engine.spec import Spec, Student
 from engine.train import prune
 
 
-def build_student(spec: Spec, student: Student, teacher, tokenizer, calibration: list[list[int]] | None = None):
+def build_student(spec: Spec, student: Student, teacher, tokenizer, calibration: list[list[int]] | None = None,
+                  dataset_ids: set[int] | None = None):
     """A float32 causal LM for `student`; `teacher` is the loaded teacher model.
 
     calibration: the train split's sequences as token ids (student context + teacher response),
     on which a from_teacher student's importance is measured (keep_layers, widths). A
     from_teacher student carries what was kept and why as `model.pruning_report` (a dict for
-    metrics.json; its "summary" is one line to print).
+    metrics.json; its "summary" is one line to print). dataset_ids: the teacher ids the train and
+    val examples use (engine.train.vocab.dataset_ids), which a trimmed vocabulary keeps; a student
+    with `vocab:` also carries `model.vocab_map` (its own tokenizer and the teacher -> student id map).
     """
     torch.manual_seed(spec.training.seed)  # seeded init: same spec, same student
     if student.kind == "from_teacher":
         pad = getattr(tokenizer, "pad_token_id", None)
-        model, report = prune.from_teacher(spec, student, teacher, calibration, pad)
+        model, report = prune.from_teacher(spec, student, teacher, calibration, pad, tokenizer, dataset_ids)
         model.pruning_report = report
     elif student.kind == "config":
         model = _from_config(student, teacher)
@@ -37,22 +42,36 @@ def build_student(spec: Spec, student: Student, teacher, tokenizer, calibration:
     return model.float()
 
 
-def student_shape(spec: Spec, student: Student, teacher_config=None) -> tuple[int, float]:
+def student_shape(spec: Spec, student: Student, teacher_config=None, tokenizer=None) -> tuple[int, float]:
     """(parameters, parameters / the teacher's) of `student`, from configs alone: no weights are read.
 
-    teacher_config: the teacher's HF config (default: read from spec.teacher.model). A from_teacher
-    shape the teacher cannot give raises SpecError naming the field, as building it would.
+    teacher_config: the teacher's HF config (default: read from spec.teacher.model, with its tokenizer).
+    A from_teacher shape the teacher cannot give raises SpecError naming the field, as building it would.
+    A trimmed vocabulary's size depends on the dataset, so it is counted at its floor (a lower bound:
+    engine.train.vocab.size_floor, specials + bytes + keep_frequent merges with their closure given the
+    teacher's tokenizer, else keep_frequent alone); the dataset's own ids come on top.
     """
     from transformers import AutoConfig
 
-    from engine.models import resolve_causal_lm
+    from engine.models import load_tokenizer, resolve_causal_lm
 
     if teacher_config is None:
         teacher_config = AutoConfig.from_pretrained(resolve_causal_lm(spec.teacher.model))
+        if student.kind == "from_teacher" and student.from_teacher.vocab is not None and tokenizer is None:
+            tokenizer = load_tokenizer(spec.teacher.model)
     if student.kind == "from_teacher":
         target = prune.targets(spec, student, teacher_config)
         layers = target.layers or list(range(target.keep_layers))  # which layers does not change the count
         config = target.config(teacher_config, layers)
+        if student.from_teacher.vocab is not None:
+            from engine.train import vocab
+
+            try:
+                config.vocab_size = vocab.size_floor(student.from_teacher.vocab.keep_frequent,
+                                                     teacher_config.vocab_size, tokenizer)
+            except vocab.NotTrimmable as e:
+                raise prune.field_error(spec, student, "vocab", str(e)) from None
+            config.pad_token_id = None  # its id is remapped; it does not change the count
     elif student.kind == "config":
         config = _config(student, teacher_config)
     else:
