@@ -1,7 +1,7 @@
 """Student kinds side by side: size, answer latency, accuracy and retention of each, over seeds.
 
     .venv/bin/python bench/students.py [--spec specs/demo.yaml --spec specs/bench/language.yaml]
-                                       [--seeds 0,1,2] [--quick] [--store out/bench/store] [--out FILE]
+                                       [--seeds 0,1,2] [--quick] [--store out/bench-store] [--out FILE]
 
 For each spec (default: the demo, and specs/bench/language.yaml, where the teacher reads a detailed
 instruction and the students only the bare text), the spec is curated as `syllabus run` does
@@ -22,13 +22,18 @@ run. A kind whose spec field or trainer part is missing is listed as skipped, na
 
 Per model: parameters and size ratio to the teacher; batch-1 greedy latency per answer, each
 model answering from its own context (the teacher its instruction, a student what it was trained
-on), median over --speed-prompts test rows, and the teacher/student ratio of it (the teacher's
-time is the median of its timings before and after the students'); accuracy against gold with
-its 95% Wilson interval, and retention (student accuracy / teacher accuracy on the same rows) with
-its 95% paired bootstrap interval, both from the eval report. With several seeds: the mean over
-seeds, the 95% interval averaged over seeds (what sampling the rows leaves open) and the min-max
-over seeds (what training noise moves). The full figures, per seed too, go to a JSON file (path
-printed). --quick: one seed, at most 30 training steps, 16 calibration sequences: a smoke run.
+on), median over --speed-prompts test rows, and the teacher/student ratio of it (per seed, the
+teacher and that seed's students are loaded together and answer prompt by prompt in rotating
+order, so a shared machine's load falls on all alike; the teacher's time pools its seeds);
+accuracy against gold with its 95% Wilson interval, and retention (student accuracy / teacher
+accuracy on the same rows) with its 95% paired bootstrap interval, both from the eval report.
+With several seeds: the mean over seeds, the 95% interval averaged over seeds (what sampling the
+rows leaves open) and the min-max over seeds (what training noise moves). The full figures, per
+seed too, go to a JSON file (path printed); --show FILE prints an earlier run's tables again.
+--quick: one seed, at most 30 training steps, 16 calibration sequences: a smoke run.
+
+Cost on 2 shared cores (SYLLABUS_THREADS=1): --quick about 10-17 minutes per spec (curation
+2-3 minutes the first time); the language spec with 3 seeds about 2 hours.
 """
 
 from __future__ import annotations
@@ -133,23 +138,38 @@ def group_specs(spec: Spec, kinds: list[Kind], quick: bool) -> list[tuple[Spec, 
 
 
 @torch.inference_mode()
-def answer_latency(model_name: str, texts: list[str], max_new: int) -> dict:
-    """Batch-1 greedy answers to `texts` (the model's own context): ms per answer and tokens per answer."""
-    model, tokenizer = load_causal_lm(model_name)
-    eos = model.generation_config.eos_token_id
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=eos if eos is not None else tokenizer.eos_token_id)
-    prompts = [chat_prompt_ids(tokenizer, t) for t in texts]
-    model.generate(torch.tensor([prompts[0]]), generation_config=config)  # warm-up
-    seconds, tokens = [], []
-    for ids in prompts:
-        start = time.perf_counter()
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             generation_config=config)
-        seconds.append(time.perf_counter() - start)
-        tokens.append(out.shape[1] - len(ids))
-    del model
-    return {"ms": [1000 * s for s in seconds], "tokens": tokens, "prompt_tokens": [len(p) for p in prompts]}
+def answer_latency(models: list[tuple[str, str, list[str]]], max_new: int) -> dict[str, dict]:
+    """Batch-1 greedy answers, per model: ms per answer and tokens per answer.
+
+    models: (key, model name or folder, texts: what that model reads). All are loaded first; then
+    for each prompt index every model answers in turn, the order rotating, so that the load of a
+    shared machine falls on all of them alike.
+    """
+    loaded = []
+    for key, name, texts in models:
+        model, tokenizer = load_causal_lm(name)
+        eos = model.generation_config.eos_token_id
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=eos if eos is not None else tokenizer.eos_token_id)
+        prompts = [chat_prompt_ids(tokenizer, t) for t in texts]
+        _generate(model, prompts[0], config)  # warm-up
+        loaded.append((key, model, config, prompts))
+    out = {key: {"ms": [], "tokens": [], "prompt_tokens": [len(p) for p in prompts]}
+           for key, _, _, prompts in loaded}
+    for i in range(min(len(p) for *_, p in loaded)):
+        turn = i % len(loaded)
+        for key, model, config, prompts in loaded[turn:] + loaded[:turn]:
+            start = time.perf_counter()
+            n_new = _generate(model, prompts[i], config)
+            out[key]["ms"].append(1000 * (time.perf_counter() - start))
+            out[key]["tokens"].append(n_new)
+    return out
+
+
+def _generate(model, ids: list[int], config) -> int:
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         generation_config=config)
+    return out.shape[1] - len(ids)
 
 
 # --- one spec -----------------------------------------------------------------------------
@@ -181,10 +201,8 @@ def bench_spec(path: str, kinds: list[Kind], seeds: list[int], args, st, console
     examples = st.read(dataset, "examples")
     rows = examples.filter(examples["split"] == spec.eval.split).head(args.speed_prompts)
     max_new = spec.eval.max_new_tokens or spec.teacher.generation.max_new_tokens
-    teacher_texts = rows["teacher_prompt"].to_list()
-    teacher_latency = [answer_latency(spec.teacher.model, teacher_texts, max_new)]
 
-    reports = []
+    reports, timed = [], []
     for group_spec, members in group_specs(spec, chosen, args.quick):
         names = ", ".join(k.name for k in members)
         start = time.perf_counter()
@@ -196,18 +214,23 @@ def bench_spec(path: str, kinds: list[Kind], seeds: list[int], args, st, console
         report, report_path = runs.evaluate(group_spec, st, dataset, seeds=seeds, progress=args.progress)
         eval_s = time.perf_counter() - start
         console.print(f"  evaluated in {eval_s:.0f} s: {report_path}", highlight=False)
-        start = time.perf_counter()
         texts = student_texts(rows, group_spec.training.student_prompt)
-        latency = {(kind.name, seed): answer_latency(str(r.run_dir / kind.name), texts, max_new)
-                   for seed, r in trained for kind in members}
-        latency_s = time.perf_counter() - start
+        timed += [(seed, (kind.name, str(r.run_dir / kind.name), texts)) for seed, r in trained for kind in members]
         result["groups"].append({"students": [k.name for k in members], "loss": members[0].loss,
                                  "runs": {str(seed): r.run_id for seed, r in trained}, "eval_json": str(report_path),
-                                 "train_s": train_s, "eval_s": eval_s, "latency_s": latency_s})
-        reports.append((members, report, latency))
-    teacher_latency.append(answer_latency(spec.teacher.model, teacher_texts, max_new))  # after: machine drift
+                                 "train_s": train_s, "eval_s": eval_s})
+        reports.append((members, report))
 
-    result["sets"] = summarise(spec, reports, teacher_latency)
+    # Latency: per seed, the teacher and that seed's students, interleaved prompt by prompt.
+    start = time.perf_counter()
+    teacher = ("teacher", spec.teacher.model, rows["teacher_prompt"].to_list())
+    latency = {}
+    for seed in seeds:
+        measured = answer_latency([teacher] + [m for s, m in timed if s == seed], max_new)
+        latency.update({(key, seed): figures for key, figures in measured.items()})
+    result["timings_s"]["latency"] = time.perf_counter() - start
+
+    result["sets"] = summarise(spec, reports, latency)
     result["timings_s"]["total"] = time.perf_counter() - began
     return result
 
@@ -229,12 +252,14 @@ def _figure(rows: list[dict], key: str, ci_key: str) -> dict:
             "per_seed": {str(r.get("seed")): {"value": r.get(key), "ci": r.get(ci_key)} for r in rows}}
 
 
-def summarise(spec: Spec, reports: list, teacher_latency: list[dict]) -> list[dict]:
-    """Per eval set: the teacher and one entry per student kind, from every group's report."""
-    teacher_ms = statistics.median(ms for t in teacher_latency for ms in t["ms"])
-    teacher_tokens = statistics.median(n for t in teacher_latency for n in t["tokens"])
+def summarise(spec: Spec, reports: list, latency: dict) -> list[dict]:
+    """Per eval set: the teacher and one entry per student kind, from every group's report.
+
+    latency: {(model key, seed): answer_latency figures}; the teacher's are pooled over seeds."""
+    teacher_ms = statistics.median(ms for (key, _), lat in latency.items() if key == "teacher" for ms in lat["ms"])
+    teacher_tokens = statistics.median(n for (key, _), lat in latency.items() if key == "teacher" for n in lat["tokens"])
     sets: dict[str, dict] = {}
-    for members, report, latency in reports:
+    for members, report in reports:
         for entry in report["sets"]:
             out = sets.get(entry["name"])
             teacher = next(r for r in entry["models"] if r["kind"] == "teacher")
@@ -245,6 +270,8 @@ def summarise(spec: Spec, reports: list, teacher_latency: list[dict]) -> list[di
                     "teacher": {"name": teacher["name"], "params": teacher["params"], "n": teacher["n"],
                                 "accuracy": teacher["accuracy"], "accuracy_ci": teacher["accuracy_ci"],
                                 "ms_per_answer": teacher_ms, "tokens_per_answer": teacher_tokens,
+                                "latency_per_seed": {str(seed): lat for (key, seed), lat in latency.items()
+                                                     if key == "teacher"},
                                 "decode_tok_s": teacher["decode_tok_s"]},
                     "students": []}
             for kind in members:
@@ -257,6 +284,7 @@ def summarise(spec: Spec, reports: list, teacher_latency: list[dict]) -> list[di
                     "params": rows[0]["params"], "size_ratio": rows[0]["params"] / teacher["params"],
                     "disk_bytes": rows[0]["disk_bytes"], "ms_per_answer": student_ms,
                     "tokens_per_answer": statistics.median(tokens), "speed_ratio": teacher_ms / student_ms,
+                    "latency_per_seed": {str(seed): lat for (name, seed), lat in latency.items() if name == kind.name},
                     "decode_tok_s": _mean(r["decode_tok_s"] for r in rows), "n": rows[0]["n"],
                     "accuracy": _figure(rows, "accuracy", "accuracy_ci"),
                     "retention": _figure(rows, "retention", "retention_ci"),
@@ -294,11 +322,11 @@ def table(result: dict, entry: dict) -> Table:
              + (f", majority baseline {_pct(base['accuracy'])}" if base else "")
              + (f", {seeds} seeds: mean [95% CI averaged over seeds]" if seeds > 1 else ""))
     t = Table(title=title, title_justify="left")
-    for column in ("model", "params", "size", "ms/answer", "tokens", "speed", "accuracy [95% CI]", "seeds min–max",
-                   "retention [95% CI]", "seeds min–max"):
+    for column in ("model", "params", "size", "ms/answer", "tokens", "speed", "accuracy [95% CI]", "over seeds",
+                   "retention [95% CI]", "over seeds"):
         t.add_column(column, justify="left" if column == "model" else "right")
     te = entry["teacher"]
-    t.add_row(f"teacher ({Path(te['name']).name})", f"{te['params'] / 1e6:.1f}M", "1.00x", f"{te['ms_per_answer']:.0f}",
+    t.add_row("teacher", f"{te['params'] / 1e6:.1f}M", "1.00x", f"{te['ms_per_answer']:.0f}",
               f"{te['tokens_per_answer']:.0f}", "1.00x", _pct(te["accuracy"]) + _ci(te["accuracy_ci"]), "–", "100%", "–")
     for s in entry["students"]:
         flag = " ⚠" if s["one_answer_seeds"] else ""
@@ -311,6 +339,24 @@ def table(result: dict, entry: dict) -> Table:
     return t
 
 
+def print_results(console: Console, results: list[dict], speed_prompts: int) -> None:
+    for result in results:
+        for entry in result["sets"]:
+            console.print(table(result, entry))
+        for skip in result["skipped"]:
+            console.print(f"skipped {skip['name']} ({skip['what']}): {skip['reason']}", highlight=False)
+        t = result["timings_s"]
+        groups = "; ".join(f"{'+'.join(g['students'])}: train {g['train_s']:.0f} s, eval {g['eval_s']:.0f} s"
+                           for g in result["groups"])
+        console.print(f"{result['spec']}: curate {t['curate']:.0f} s; {groups}; latency {t.get('latency', 0):.0f} s; "
+                      f"total {t['total']:.0f} s",
+                      style="dim", highlight=False)
+    console.print("size: parameters / the teacher's; ms/answer: median batch-1 greedy answer on "
+                  f"{speed_prompts} test rows, each model from its own context; tokens: median answer length; "
+                  "speed: teacher ms / student ms; retention: student / teacher accuracy on the same rows "
+                  "(95% paired bootstrap); ⚠: one answer to >= 90% of rows in some seed", style="dim", highlight=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", action="append", help="spec to bench (repeatable; default: "
@@ -320,16 +366,23 @@ def main() -> None:
                         f"training steps, {QUICK_CALIBRATION} calibration sequences")
     parser.add_argument("--only", help="student kinds to run, comma-separated (default: all of "
                         + ", ".join(k.name for k in KINDS) + ")")
-    parser.add_argument("--store", type=Path, default=Path("out/bench/store"),
-                        help="store the bench curates and trains into; cached across runs (default out/bench/store)")
+    parser.add_argument("--store", type=Path, default=Path("out/bench-store"),
+                        help="store the bench curates and trains into; cached across runs (default out/bench-store)")
     parser.add_argument("--fresh", action="store_true", help="use a new temporary store: every cost is paid again")
-    parser.add_argument("--speed-prompts", type=int, default=8, help="test rows timed per model (default 8)")
+    parser.add_argument("--speed-prompts", type=int, default=16, help="test rows timed per model (default 16)")
     parser.add_argument("--out", type=Path, help="JSON file of every figure (default out/bench/students-<time>.json)")
     parser.add_argument("--progress", action="store_true", help="show the engine's progress bars")
+    parser.add_argument("--show", type=Path, help="print the tables of an earlier run's JSON file, run nothing")
     args = parser.parse_args()
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: rich would wrap the tables at 80 columns
+        console = Console(width=200)
+    if args.show:
+        saved = json.loads(args.show.read_text())
+        print_results(console, saved["specs"], saved["speed_prompts"])
+        return
     seeds = [0] if args.quick else list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
     kinds = KINDS if not args.only else [k for k in KINDS if k.name in args.only.split(",")]
-    console = Console()
     threads = set_threads()
     console.print(f"{threads} torch thread(s); seeds {','.join(map(str, seeds))}{' (quick)' if args.quick else ''}; "
                   f"students {', '.join(k.name for k in kinds)}", highlight=False)
@@ -340,24 +393,11 @@ def main() -> None:
         results = [bench_spec(path, kinds, seeds, args, st, console) for path in (args.spec or DEFAULT_SPECS)]
     wall = time.perf_counter() - began
 
-    for result in results:
-        for entry in result["sets"]:
-            console.print(table(result, entry))
-        for skip in result["skipped"]:
-            console.print(f"skipped {skip['name']} ({skip['what']}): {skip['reason']}", highlight=False)
-        t = result["timings_s"]
-        groups = "; ".join(f"{'+'.join(g['students'])}: train {g['train_s']:.0f} s, eval {g['eval_s']:.0f} s, "
-                           f"latency {g['latency_s']:.0f} s" for g in result["groups"])
-        console.print(f"{result['spec']}: curate {t['curate']:.0f} s; {groups}; total {t['total']:.0f} s",
-                      style="dim", highlight=False)
-    console.print("size: parameters / the teacher's; ms/answer: median batch-1 greedy answer on "
-                  f"{args.speed_prompts} test rows, each model from its own context; tokens: median answer length; "
-                  "speed: teacher ms / student ms; retention: student / teacher accuracy on the same rows "
-                  "(95% paired bootstrap); ⚠: one answer to >= 90% of rows in some seed", style="dim", highlight=False)
-
+    print_results(console, results, args.speed_prompts)
     out = args.out or Path("out/bench") / f"students-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": threads, "seeds": seeds, "quick": args.quick, "wall_s": wall,
+                               "speed_prompts": args.speed_prompts,
                                "specs": results}, indent=2, default=str))
     console.print(f"wall {wall:.0f} s; figures written to {out}", highlight=False)
 

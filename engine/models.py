@@ -270,16 +270,11 @@ def load_causal_lm(name: str):
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` as a user turn, ready for the assistant's reply.
+    """Token ids of `text` as the one user turn of a chat, ready for the assistant's reply.
 
-    Teacher generation and student training both go through here, so a student
-    is trained on exactly the context the teacher answered.
+    The single-turn case of engine.prompts.prompt_ids, which teacher generation, training and
+    eval go through (system messages, few-shot turns, plain text).
     """
-    if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if hasattr(ids, "keys"):  # some versions return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+    from engine.prompts import prompt_ids
+
+    return prompt_ids(tokenizer, text)

@@ -169,14 +169,29 @@ class Retries(Strict):
 # backend: openai only; `model` is then the name the server serves.
 OPENAI_FIELDS = ("base_url", "api_key_env", "tokenizer", "max_concurrency", "timeout", "retries", "extra_body")
 # What the openai backend sets in each request from the spec itself: extra_body may not override it.
-OPENAI_REQUEST_FIELDS = ("model", "messages", "max_tokens", "temperature", "top_p", "seed", "logprobs",
+OPENAI_REQUEST_FIELDS = ("model", "messages", "prompt", "max_tokens", "temperature", "top_p", "seed", "logprobs",
                          "top_logprobs", "n", "stream")
+
+
+class Turn(Strict):
+    """One chat turn placed before the row's own prompt (a few-shot example, an instruction)."""
+    role: Literal["user", "assistant", "system"]
+    content: TemplateSource  # Jinja2 over the row, like the prompt
+
+
+PLAIN_TEXT = ("only with chat: true; with chat: false the prompt is sent as plain text, with no chat template "
+              "and no turns: write the instructions and examples into the prompt template")
 
 
 class Teacher(Strict):
     backend: Literal["transformers", "openai"] = "transformers"
     model: str = Field(min_length=1)
     prompt: TemplateSource | None = None  # Jinja2 over the row: what the teacher is asked
+    # true: [system?] + messages + the prompt as the last user turn, through the tokenizer's chat template
+    # (backend openai: /chat/completions); false: the prompt as plain text (openai: /completions).
+    chat: bool = True
+    system: TemplateSource | None = None  # Jinja2 over the row: the system message (none: the template's default)
+    messages: list[Turn] = []  # turns before the prompt: few-shot examples as real user/assistant turns
     generation: Generation = Generation()
     logprobs: Logprobs = Logprobs()
     reasoning: Reasoning | None = None
@@ -190,6 +205,13 @@ class Teacher(Strict):
     retries: Retries = Retries()
     # Fields added to each request as they are: a server's own options (llama.cpp: {repeat_penalty: 1.0}).
     extra_body: Annotated[dict[str, Any], AfterValidator(_finite)] = Field(default_factory=dict)
+
+    @field_validator("system", "messages")
+    @classmethod
+    def _chat_only(cls, value, info: ValidationInfo):
+        if value and info.data.get("chat") is False:
+            raise ValueError(PLAIN_TEXT)
+        return value
 
     @field_validator("extra_body")
     @classmethod
@@ -448,6 +470,16 @@ class Mining(Strict):
         return band
 
 
+class Teach(Strict):
+    """Which rows the teacher is asked (engine/stages/teach_order.py).
+
+    all: every row that survives dedup. selection: train and val rows in the order selection would
+    keep them (round robin over clusters within each category), asking no more for a category once
+    answers mining is sure to keep (in band) fill its quota; the test split is always asked in full.
+    """
+    order: Literal["all", "selection"] = "all"
+
+
 class Splits(Strict):
     """Drawn right after dedup, before the teacher answers: mining and quotas never shape the test split."""
 
@@ -621,6 +653,11 @@ def _device(value: str) -> str:
 
 class Training(Strict):
     student_prompt: TemplateSource | None = None  # Jinja2 over the row: what the student sees
+    # How the student reads it, as teacher.chat/system/messages do; unset: the teacher's (system and
+    # messages only where the student reads a chat); `student_system: null`, `student_messages: []`: none.
+    student_chat: bool | None = None
+    student_system: TemplateSource | None = None
+    student_messages: list[Turn] | None = None
     loss: Loss = Loss()
     optimizer: Optimizer = Optimizer()
     epochs: int = Field(1, ge=1)
@@ -675,6 +712,7 @@ class Spec(Strict):
     diversity: Diversity | None = None
     mining: Mining = Mining()
     splits: Splits = Splits()
+    teach: Teach = Teach()
     students: list[Student] = []
     training: Training = Training()
     eval: Eval = Eval()
@@ -692,6 +730,25 @@ class Spec(Strict):
                 if unknown:
                     raise ValueError(f"augment[{i}].categories: unknown categories {', '.join(unknown)} "
                                      f"(coverage has {', '.join(sorted(known))})")
+        return self
+
+    @model_validator(mode="after")
+    def _student_chat_only(self) -> "Spec":
+        training = self.training
+        chat = self.teacher.chat if training.student_chat is None else training.student_chat
+        if not chat:
+            given = [f for f in ("student_system", "student_messages") if getattr(training, f)]
+            if given:
+                said = "training.student_chat is false" if training.student_chat is False else \
+                    "the student reads plain text (teacher.chat: false, training.student_chat unset)"
+                raise ValueError(f"training.{given[0]}: {said}: {PLAIN_TEXT}")
+        return self
+
+    @model_validator(mode="after")
+    def _selection_order_needs_quotas(self) -> "Spec":
+        if self.teach.order == "selection" and self.coverage is None:
+            raise ValueError("teach.order: selection asks the teacher in the order selection keeps rows, "
+                             "until each category's quota is filled: it needs coverage (categories and quotas)")
         return self
 
     @model_validator(mode="after")

@@ -259,18 +259,28 @@ def spec_templates(spec) -> list[tuple[str, object, tuple]]:
     found = []
     if spec.teacher.prompt:
         found.append(("teacher.prompt", spec.teacher.prompt, ROW_VARIABLES))
+    if spec.teacher.system:
+        found.append(("teacher.system", spec.teacher.system, ROW_VARIABLES))
+    for i, turn in enumerate(spec.teacher.messages):
+        found.append((f"teacher.messages[{i}].content", turn.content, ROW_VARIABLES))
     for i, aug in enumerate(spec.augment):
         found.append((f"augment[{i}].template", aug.template, (*AUGMENT_VARIABLES, *aug.vars)))
     if spec.training.student_prompt:
         found.append(("training.student_prompt", spec.training.student_prompt, EXAMPLE_VARIABLES))
+    if spec.training.student_system:
+        found.append(("training.student_system", spec.training.student_system, EXAMPLE_VARIABLES))
+    for i, turn in enumerate(spec.training.student_messages or ()):
+        found.append((f"training.student_messages[{i}].content", turn.content, EXAMPLE_VARIABLES))
     return found
 
 
 def template_name(spec, field: str, text) -> str:
-    """How errors name a template: its file, or the spec file and field of an inline one."""
+    """How errors name a template: its file, or the spec file and field of an inline one. A file
+    given as one of several turns (`messages`) is named with its field too: one file may serve several."""
     file = getattr(text, "file", None)
     if file:
-        return str(spec.resolve_path(file))
+        path = str(spec.resolve_path(file))
+        return f"{path} ({field})" if "messages[" in field else path
     where = getattr(spec, "path", None)
     return f"{where}: {field}" if where else field
 

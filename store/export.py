@@ -3,9 +3,12 @@ Hugging Face `datasets` folder (save_to_disk; `datasets.load_from_disk` opens it
 
 An examples table (one with a `response` column) goes out as chat: `messages` = [system?, user,
 assistant: response]. The user turn is a column (`prompt` by default) or texts a caller computes from
-the rows: the store knows nothing of specs, so the engine renders what its students read and passes
-that in. jsonl and hf hold `messages` (plus the META columns with meta=True); parquet holds every
-column, token ids and top-k included, plus `messages`. A table without `response` (rejections)
+the rows, or, per row, the whole list of turns before the answer (a system message, few-shot turns, the
+user turn): the store knows nothing of specs, so the engine renders what its students read and passes
+that in. With plain=True (a model reading plain text, no chat template) the rows go out as `text` (what
+the model read, the user texts) and `completion` (the response) instead of `messages`. jsonl and hf hold
+`messages` or `text` and `completion` (plus the META columns with meta=True); parquet holds every
+column, token ids and top-k included, plus those. A table without `response` (rejections)
 goes out as it is in parquet and hf, and jsonl refuses it.
 
 Outputs appear whole or not at all: written beside the target under a temporary name, then renamed.
@@ -33,8 +36,9 @@ FORMATS = ("jsonl", "parquet", "hf")
 META = ("prompt_id", "category", "split", "label", "conf_*", "finish_reason")
 
 # The user turn: a column of the table, or a function from the exported rows (their non-list
-# columns, in export order) to one text per row.
-UserTurn = str | Callable[[pl.DataFrame], Sequence[str]]
+# columns, in export order) to one text per row, or to one list of {"role", "content"} turns per row
+# (everything before the assistant's answer).
+UserTurn = str | Callable[[pl.DataFrame], Sequence[str | list[dict]]]
 
 
 @dataclass
@@ -47,7 +51,7 @@ class ExportResult:
 
 def export(store, ref: str, fmt: str, out: Path, *, table: str = "examples", split: str | None = None,
            user: UserTurn = "prompt", system: str | None = None, meta: bool = False,
-           force: bool = False) -> ExportResult:
+           force: bool = False, plain: bool = False) -> ExportResult:
     if fmt not in FORMATS:
         raise StoreError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
     info = store.resolve(ref)
@@ -67,9 +71,11 @@ def export(store, ref: str, fmt: str, out: Path, *, table: str = "examples", spl
     if split is not None:
         frame = frame.filter(pl.col("split") == split)
     if chat:
-        messages = _messages(frame.select(scalar), user, system)
-        frame = frame.with_columns(messages) if fmt == "parquet" else pl.DataFrame(
-            [messages, *(frame[c] for c in _meta_columns(scalar) if meta)])
+        if plain and system:
+            raise StoreError("a system message needs a chat: plain text has none")
+        columns = _plain(frame.select(scalar), user) if plain else [_messages(frame.select(scalar), user, system)]
+        frame = frame.with_columns(columns) if fmt == "parquet" else pl.DataFrame(
+            [*columns, *(frame[c] for c in _meta_columns(scalar) if meta)])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -114,14 +120,34 @@ def _meta_columns(columns: list[str]) -> list[str]:
     return [c for m in META for c in columns if (c.startswith("conf_") if m == "conf_*" else c == m)]
 
 
+def _user_texts(rows: pl.DataFrame, user: UserTurn) -> list:
+    texts = rows[user].to_list() if isinstance(user, str) else list(user(rows))
+    if len(texts) != rows.height:
+        raise StoreError(f"the user turn gave {len(texts)} texts for {rows.height} rows")
+    return texts
+
+
+def _plain(rows: pl.DataFrame, user: UserTurn) -> list[pl.Series]:
+    """`text` (what the model read, as it read it) and `completion` (the response) per row."""
+    texts = _user_texts(rows, user)
+    if any(not isinstance(t, str) for t in texts):
+        raise StoreError("plain text takes one text per row, not turns")
+    return [pl.Series("text", texts, dtype=pl.String), rows["response"].cast(pl.String).alias("completion")]
+
+
+MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
+
+
 def _messages(rows: pl.DataFrame, user: UserTurn, system: str | None) -> pl.Series:
-    """[system?, user, assistant] per row, as list<struct<role, content>>."""
-    if isinstance(user, str):
-        texts = rows[user]
-    else:
-        texts = pl.Series(list(user(rows)), dtype=pl.String)
-        if len(texts) != rows.height:
-            raise StoreError(f"the user turn gave {len(texts)} texts for {rows.height} rows")
+    """[system?, user, assistant] per row, as list<struct<role, content>>; where the caller gives the turns
+    before the answer, [system?, *those turns, assistant]."""
+    found = _user_texts(rows, user)
+    if any(not isinstance(t, str) for t in found):
+        head = [{"role": "system", "content": system}] if system else []
+        chats = [head + [{"role": m["role"], "content": m["content"]} for m in turns]
+                 + [{"role": "assistant", "content": answer}] for turns, answer in zip(found, rows["response"])]
+        return pl.Series("messages", chats, dtype=pl.List(MESSAGE))
+    texts = pl.Series(found, dtype=pl.String)
 
     def turn(role: str, content: pl.Expr) -> pl.Expr:
         return pl.struct(pl.lit(role).alias("role"), content.cast(pl.String).alias("content"))

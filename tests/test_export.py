@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import store
 from engine.cli import app
 from engine.curate import pipeline
-from engine.models import load_tokenizer, resolve_causal_lm
+from engine.models import load_tokenizer
 from engine.spec import load_spec
 from engine.train.data import collate, encode, student_texts
 from engine.train.losses import teacher_log_probs

@@ -18,7 +18,7 @@ from engine.errors import TeacherError, UserError
 from engine.spec import Teacher
 from engine.stages.base import RunContext, prompt_id
 from engine.stages.teach import Teach, ask_teacher
-from engine.teachers import TeacherOutput, load_teacher, teacher_fingerprint
+from engine.teachers import load_teacher, teacher_fingerprint
 from engine.teachers.openai_backend import OpenAITeacher, TokenMapper, token_mapper
 
 BASE = "http://teacher.test:8000/v1"
@@ -361,6 +361,48 @@ def test_teach_stage_caches_answers_of_the_openai_backend(tokenizer, tiny_llm_di
     assert again.equals(first)
 
 
+class CompletionsServer(FakeServer):
+    """Also answers /completions as the completions API does: the text, and per token its text, log-prob
+    and a {text: log-prob} map of the top k (llama.cpp's and vLLM's form)."""
+
+    def completion(self, body: dict) -> dict:
+        if "messages" in body:
+            return super().completion(body)
+        chat = super().completion({**body, "messages": [{"role": "user", "content": body["prompt"]}],
+                                   "top_logprobs": body["logprobs"]})
+        choice = chat["choices"][0]
+        entries = choice["logprobs"]["content"]
+        return {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "usage": chat["usage"],
+                "choices": [{"index": 0, "text": choice["message"]["content"], "finish_reason": choice["finish_reason"],
+                             "logprobs": {"tokens": [e["token"] for e in entries],
+                                          "token_logprobs": [e["logprob"] for e in entries],
+                                          "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]}
+                                                           for e in entries],
+                                          "text_offset": list(range(len(entries)))}}]}
+
+
+def test_chat_sends_system_and_turns_and_plain_text_goes_to_completions(tokenizer, tiny_llm_dir):
+    from engine.prompts import Conversation
+
+    server = CompletionsServer(tokenizer)
+    teacher = fake_teacher(tiny_llm_dir, server)
+    prompt = "Headline: Stocks fall\nTopic:"
+    turns = (("system", "Sort headlines."), ("user", "Headline: Striker scores twice\nTopic:"), ("assistant", "sports"))
+    chat, plain = teacher.generate([Conversation(prompt, turns=turns), Conversation(prompt, chat=False)])
+    bodies = {r.url.path: json.loads(r.content) for r in server.requests if not r.url.path.endswith("/models")}
+    assert sorted(bodies) == ["/v1/chat/completions", "/v1/completions"]
+    assert bodies["/v1/chat/completions"]["messages"] == [{"role": r, "content": c} for r, c in turns] + [
+        {"role": "user", "content": prompt}]
+    sent = bodies["/v1/completions"]
+    assert sent["prompt"] == prompt and sent["logprobs"] == 4 and "messages" not in sent and "top_logprobs" not in sent
+    # The completions form gives the same columns as the chat form.
+    assert plain.text == chat.text and plain.finish_reason == chat.finish_reason
+    assert plain.token_ids.tolist() == chat.token_ids.tolist() == server.answer_ids(prompt)[:8]
+    np.testing.assert_array_equal(plain.topk_ids, chat.topk_ids)
+    np.testing.assert_array_equal(plain.topk_logprobs, chat.topk_logprobs)
+    np.testing.assert_array_equal(plain.token_logprobs, chat.token_logprobs)
+
+
 def test_a_closed_port_fails_at_start_naming_the_url(tiny_llm_dir):
     import socket
 
@@ -539,3 +581,31 @@ def test_a_server_without_logprobs_names_the_option(llama_server):
         with pytest.raises(TeacherError, match=r"answered without logprobs: .*--logits_all true") as info:
             teacher.generate(REAL_PROMPTS[:2], on_batch=lambda idx, outs: heard.extend(idx))
         assert heard == [] and "\n" not in str(info.value)
+
+
+def test_real_server_reads_plain_text_and_turns_as_the_tokenizer_does(llama_server):
+    """chat: false goes to /completions with the plain prompt: the server reads exactly the tokenizer's ids
+    (no begin-of-text token) and answers as the transformers backend does; a chat with a system message
+    and few-shot turns reads as many tokens as the tokenizer's chat template gives."""
+    from engine.prompts import Conversation
+
+    plain = [Conversation("Headline: Striker scores twice\nTopic: sports\n\nHeadline: Stocks fall on rate fears\n"
+                          "Topic:", chat=False),
+             Conversation("Q: What is the capital of France?\nA:", chat=False),
+             Conversation("Q: Is the sky blue?\nA:", chat=False)]
+    turns = (("system", "You sort news headlines into sports or business."),
+             ("user", "Headline: Striker scores twice"), ("assistant", "sports"))
+    chats = [Conversation("Headline: Stocks fall on rate fears", turns=turns),
+             Conversation("Headline: Keeper saves late penalty", turns=turns)]
+    teacher = load_teacher(real_spec(llama_server, generation={"max_new_tokens": 6}))
+    served = teacher.generate(plain + chats)
+    assert teacher.stats["prompt_mismatch"] == 0  # the server read as many prompt tokens as prompt_ids gives
+    for out in served:
+        assert 1 <= len(out.token_ids) <= 6 + 3 and (out.token_ids >= 0).all()
+        assert out.topk_ids.shape == (len(out.token_ids), 5) and out.finish_reason in ("stop", "length")
+        assert teacher.tokenizer.decode(out.token_ids.tolist(), skip_special_tokens=True).strip() == out.text
+    local = load_teacher(Teacher(model="smollm2-135m-instruct", generation={"max_new_tokens": 6},
+                                 logprobs={"top_k": 5}, batch_size=1)).generate(plain + chats)
+    # Same weights (de-quantised for transformers): the greedy first tokens agree within quantisation.
+    assert sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(served, local)) >= len(served) - 1
+    assert served[0].text.lower().startswith("sports")  # completion-style: it continues the pattern

@@ -46,3 +46,19 @@ def print_cut_off(console: Console, shares) -> None:
     if overall > CUT_OFF_WARN:
         console.print(f"[yellow]warning:[/] {overall:.0%} of answers were cut off mid-answer: raise "
                       "teacher.generation.max_new_tokens, or set mining.truncated: drop", highlight=False)
+
+
+def print_gold(console: Console, gold, *, warning_only: bool = False) -> None:
+    """The teacher's accuracy against the sources' gold labels (overall, per category), and the warning
+    line when it is low: a teacher prompt gone wrong shows before anyone trains."""
+    from rich.markup import escape
+
+    if not isinstance(gold, dict) or not gold.get("n"):
+        return
+    if not warning_only:
+        from engine.scoring import gold_lines
+
+        for line in gold_lines(gold):
+            console.print(escape(line), highlight=False, soft_wrap=True)
+    if gold.get("warning"):
+        console.print(f"[yellow]warning:[/] {escape(gold['warning'])}", highlight=False, soft_wrap=True)

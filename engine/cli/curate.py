@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from engine.cli.common import StoreOption, app, err, open_store, out, print_cut_off, store_path
+from engine.cli.common import StoreOption, app, err, open_store, out, print_cut_off, print_gold, store_path
 
 
 def _spec(path: Path):
@@ -76,6 +76,7 @@ def run(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Option
     if not quiet:
         err.print(pipeline.summary_table(result))
         print_cut_off(err, result.cut_off)
+    print_gold(err, result.gold, warning_only=quiet)  # the warning even when quiet: a broken prompt must show
     if result.created:
         out.print(f"committed {s.name}@{result.version}: {result.rows} examples, {result.teacher_calls} teacher calls")
     else:
@@ -110,6 +111,15 @@ def plan(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optio
     else:
         out.print(f"teacher calls to pay: {bound}{p.teacher_calls} of {p.teacher_rows} prompts "
                   f"(about {p.seconds / 60:.1f} min; {p.speed_source})")
+    if p.best_calls is not None and p.teacher_calls and p.best_calls < p.teacher_calls:
+        saved = p.teacher_calls - p.best_calls
+        if p.order == "selection":
+            out.print(f"teach.order: selection stops asking a category once in-band answers fill its quota: "
+                      f"{p.best_calls} calls if every answer is in band, {saved} saved (an estimate: each answer "
+                      f"outside the band costs one more call, up to {p.teacher_calls})")
+        else:
+            out.print(f"teach.order: selection would pay {p.best_calls} of these calls if every answer is in "
+                      f"band, {saved} fewer (an estimate)")
     if p.top_up:
         out.print("plus the calls of top-up rounds for categories short of their quota "
                   "(coverage.augment_until_quota), known only once selection has run")

@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from engine.cli.common import StoreOption, app, err, open_store, out, print_cut_off
+from engine.cli.common import StoreOption, app, err, open_store, out, print_cut_off, print_gold
+from engine.scoring import GOLD
 
 
 def _size(n: int) -> str:
@@ -63,6 +64,10 @@ def show(ref: str = typer.Argument(..., help="NAME@V, NAME@latest or NAME@TAG"),
     if s.cut_off is not None:
         out.print()
         print_cut_off(out, s.cut_off)
+    gold = info.stats.get(GOLD) if isinstance(info.stats, dict) else None
+    if gold:
+        out.print()
+        print_gold(out, gold)
     if s.rejections is not None:
         out.print(f"\n[bold]rejections[/] ({info.row_counts.get('rejections', 0)})")
         if s.rejections.height:
@@ -87,14 +92,33 @@ def show(ref: str = typer.Argument(..., help="NAME@V, NAME@latest or NAME@TAG"),
     if info.stats:
         out.print("  stages")
         for stage, stats in info.stats.items():
+            if stage == GOLD:  # said above, under `teacher vs gold`
+                continue
+            context = stats.get("teacher_context") if isinstance(stats, dict) else None
+            if context:
+                stats = {k: v for k, v in stats.items() if k != "teacher_context"}
             text = "  ".join(f"{k}={v}" for k, v in stats.items()) if isinstance(stats, dict) else str(stats)
             out.print(f"    {stage:<12} {text}", highlight=False, soft_wrap=True)
+            if context:
+                _print_context(context)
     for m in s.models:
         out.print(f"  model            models:{m['run_id']}/{m['student']} -> {m['path']}"
                   + (f" (teacher: {_model_teacher(m)})" if m["lineage"] else ""), highlight=False, soft_wrap=True)
     if info.spec_text:
         out.print("\n[bold]spec[/]")
         out.print(info.spec_text.rstrip(), highlight=False, markup=False)
+
+
+def _print_context(context: dict) -> None:
+    """What the teacher read besides each row's prompt (teach stage stats: the first row's, rendered)."""
+    out.print(f"    {'':<12} teacher context: {'chat' if context.get('chat', True) else 'plain text (chat: false)'}",
+              highlight=False)
+    turns = ([("system", context["system"])] if context.get("system") is not None else []) + [
+        (m.get("role"), m.get("content")) for m in context.get("messages") or []]
+    for role, content in turns:
+        shown = " ".join(str(content).split())
+        shown = shown if len(shown) <= 100 else shown[:97] + "..."
+        out.print(f"    {'':<12}   {role}: {shown}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _model_teacher(m: dict) -> str:
@@ -268,19 +292,20 @@ def export(ref: str = typer.Argument(..., help="NAME@V"),
            with_meta: bool = typer.Option(False, "--with-meta", help="jsonl, hf: prompt_id, category, split, label,"
                                           " conf_* and finish_reason beside messages"),
            system: Optional[str] = typer.Option(None, "--system", help="a system message for every example"
-                                                " (the trainer sent none)"),
+                                                " where the spec gives none (the trainer sent none)"),
            force: bool = typer.Option(False, "--force", help="replace an existing file (or hf folder) at --out"),
            store: Optional[Path] = StoreOption):
-    """Export a version's examples as chat (what the students learn from): JSONL, Parquet, or a datasets folder."""
+    """Export a version's examples as chat (what the students learn from): JSONL, Parquet, or a datasets folder.
+    A student reading plain text (chat: false) gets `text` and `completion` instead of `messages`."""
     from engine.export import chat_turns
 
     st = open_store(store)
     info = st.resolve(ref)
-    turns = chat_turns(info, prompt)
+    turns = chat_turns(info, prompt, system)
     if turns.note:
         err.print(f"note: {turns.note}", highlight=False, soft_wrap=True, markup=False)
-    r = st.export(info.ref, fmt, out_path, split=split, user=turns.user, system=system or turns.system,
-                  meta=with_meta, force=force)
+    r = st.export(info.ref, fmt, out_path, split=split, user=turns.user, system=turns.system,
+                  meta=with_meta, force=force, plain=turns.plain)
     out.print(f"exported {r.ref}: {r.rows} examples as {r.format} -> {r.path}", highlight=False)
 
 

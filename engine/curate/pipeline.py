@@ -28,6 +28,7 @@ from engine.curate.top_up import top_up_until_quota
 from engine.errors import Interrupted
 from engine.models import store_model_lineage, use_store
 from engine.preflight import check_teacher
+from engine.scoring import GOLD
 from engine.stages import stages_for
 from engine.stages.base import RunContext
 from engine.teachers import teacher_fingerprint
@@ -75,6 +76,7 @@ class RunResult:
     teacher_calls: int = 0
     rejections: pl.DataFrame | None = None
     cut_off: pl.DataFrame | None = None  # per category: answers that hit max_new_tokens
+    gold: dict | None = None  # the teacher's accuracy against gold labels (engine.scoring.teacher_gold)
 
 
 def curate(spec, st, *, progress: bool = True, console: Console | None = None):
@@ -98,8 +100,28 @@ def curate(spec, st, *, progress: bool = True, console: Console | None = None):
         cur.record(stage.name, frame, dropped, stats)
     if spec.coverage and spec.coverage.augment_until_quota:
         frame = top_up_until_quota(cur)
+    gold = gold_of_teacher(cur, spec)
+    if gold is not None:
+        cur.stats[GOLD] = gold
     examples = frame.select(c for c in EXAMPLE_COLUMNS if c in frame.columns)
     return examples, cur.rejections(), cur.stats, ctx.counters
+
+
+def gold_of_teacher(cur: Curation, spec) -> dict | None:
+    """The teacher against gold over every row it answered (before mining and selection; top-up rows
+    included), when the sources carry labels (engine.scoring.teacher_gold)."""
+    from engine.scoring import teacher_gold
+
+    stages = [stage.name for stage in cur.stages()]
+    if "teach" not in stages:
+        return None
+    # The last stage that top-up grows holds every row taught (it comes after teach and drops none).
+    pool = cur.stages(top_up="new_rows")[-1].name
+    taught = cur.output(pool if stages.index(pool) >= stages.index("teach") else "teach")
+    t = spec.teacher
+    fields = ["teacher.prompt", *(["teacher.system"] if t.system else []),
+              *(["teacher.messages"] if t.messages else []), *(["teacher.chat"] if not t.chat else [])]
+    return teacher_gold(taught, " and ".join(fields))
 
 
 def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | None = None) -> RunResult:
@@ -127,8 +149,10 @@ def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | 
             # Another run committed first: build on its version instead (the data is ours either way).
             if attempt == COMMIT_ATTEMPTS - 1:
                 raise
-    return RunResult(result.version, result.created, examples.height, stage_stats,
-                     counters.get("teacher_calls", 0), rejected, cut_off_shares(examples))
+    # The lineage's stats hold the teacher's accuracy against gold beside the stages'; the result keeps it apart.
+    stages = {name: stats for name, stats in stage_stats.items() if name != GOLD}
+    return RunResult(result.version, result.created, examples.height, stages,
+                     counters.get("teacher_calls", 0), rejected, cut_off_shares(examples), stage_stats.get(GOLD))
 
 
 def summary_table(result: RunResult) -> Table:

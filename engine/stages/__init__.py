@@ -20,5 +20,5 @@ def all_stages() -> list[type[Stage]]:
 
 
 def stages_for(spec) -> list[Stage]:
-    """The stages this spec asks for, in order."""
-    return [cls() for cls in all_stages() if cls.wanted(spec)]
+    """The stages this spec asks for, in the order it runs them."""
+    return [cls() for cls in sorted((c for c in all_stages() if c.wanted(spec)), key=lambda c: c.position(spec))]

@@ -53,6 +53,7 @@ class Stage:
     cached: ClassVar[bool] = False  # store the output: it calls models or searches neighbours
     calls_teacher: ClassVar[bool] = False  # the stage whose calls `plan` counts
     adds_rows: ClassVar[bool] = False  # for plan: skipping it undercounts (otherwise it overcounts)
+    drops_rows: ClassVar[bool] = True  # for plan: False when it only adds columns (skipping it changes no count)
     # coverage.augment_until_quota: "new_rows" stages process each round's new variations
     # (against what is kept so far); "pool" stages re-run over the whole pool after each round.
     top_up: ClassVar[str | None] = None
@@ -68,6 +69,11 @@ class Stage:
     def wanted(cls, spec) -> bool:
         """Whether the spec asks for this stage."""
         return True
+
+    @classmethod
+    def position(cls, spec) -> float:
+        """Where it runs for this spec: `order`, unless the spec needs its output earlier."""
+        return cls.order
 
     def cache_slice(self, spec, store) -> object:
         """The slice of the spec (and of the files and versions it names) that the output depends on."""
@@ -107,6 +113,12 @@ def file_digests(spec, paths) -> dict:
 def pinned(store, ref: str | None) -> str | None:
     """NAME@latest pins to a number: a new version of an input re-runs the stage."""
     return store.resolve(ref).ref if ref else None
+
+
+def teach_order(spec) -> str:
+    """teach.order: "all" (every row is asked) or "selection" (engine.stages.teach_order)."""
+    teach = getattr(spec, "teach", None)
+    return teach.order if teach is not None else "all"
 
 
 def normalise_prompt(text: str) -> str:

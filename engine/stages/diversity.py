@@ -1,6 +1,9 @@
 """Diversity: spherical k-means (faiss, seeded) over the `embedding` column; adds `cluster`.
 
 No row is dropped: the select stage reads `cluster` to sample evenly across clusters.
+With `teach.order: selection` the teacher is asked in selection's order, so the clusters are
+drawn before teaching (right after the splits, over every row the teacher may be asked)
+instead of over the rows mining kept.
 Cluster ids are renumbered by first appearance in row order, so cluster 0 holds the
 first row and the numbering does not depend on faiss's internal centroid order.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from engine.stages.base import RunContext, Stage, dump, no_rejections
+from engine.stages.base import RunContext, Stage, dump, no_rejections, teach_order
 from engine.stages.embed import embedding_matrix
 
 KMEANS_ITERATIONS = 20
@@ -40,11 +43,17 @@ class Diversity(Stage):
     name = "diversity"
     order = 90
     cached = True
+    drops_rows = False
     top_up = "pool"
 
     @classmethod
     def wanted(cls, spec) -> bool:
         return spec.diversity is not None
+
+    @classmethod
+    def position(cls, spec) -> float:
+        # teach.order: selection orders the teacher's work by cluster: after split (55), before teach (60).
+        return 57 if teach_order(spec) == "selection" else cls.order
 
     def cache_slice(self, spec, store):
         return dump(spec.diversity)

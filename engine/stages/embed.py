@@ -45,6 +45,7 @@ class Embed(Stage):
     name = "embed"
     order = 40
     cached = True
+    drops_rows = False
     top_up = "new_rows"
 
     @classmethod

@@ -14,7 +14,8 @@ import pyarrow as pa
 
 from engine.errors import RenderLimit
 from engine.progress import progress_bar
-from engine.stages.base import RunContext, Stage, dump, rejections
+from engine.prompts import Conversation, as_conversation, conversations, teacher_side
+from engine.stages.base import RunContext, Stage, dump, rejections, teach_order
 from engine.teachers import load_teacher, teacher_fingerprint
 from engine.teachers.answers import split_answer
 from engine.teachers.arrow import list_column, nested_list_column
@@ -22,11 +23,12 @@ from engine.teachers.request_cache import TeacherCache, request_key
 from engine.templates import render, spec_template
 
 
-def render_teacher_prompts(frame: pl.DataFrame, spec) -> tuple[list[str | None], list[str | None]]:
-    """What the teacher is asked: the row through teacher.prompt, plus the reasoning suffix.
+def render_teacher_prompts(frame: pl.DataFrame, spec) -> tuple[list[Conversation | None], list[str | None]]:
+    """What the teacher is asked, per row: the row through teacher.prompt plus the reasoning suffix,
+    in teacher.system and teacher.messages (rendered over the row) as teacher.chat says.
 
-    Returns (prompts, problems): a row whose render runs past its limits has no prompt and
-    its problem instead (a bad row, naming the template and line).
+    Returns (conversations, problems): a row whose render runs past its limits has no conversation
+    and its problem instead (a bad row, naming the template and line).
     """
     template = spec_template(spec, "teacher.prompt", spec.teacher.prompt) if spec.teacher.prompt else None
     suffix = spec.teacher.reasoning.suffix if spec.teacher.reasoning else ""
@@ -39,12 +41,26 @@ def render_teacher_prompts(frame: pl.DataFrame, spec) -> tuple[list[str | None],
         except RenderLimit as e:
             prompts.append(None)
             problems.append(str(e))
-    return prompts, problems
+    found, turn_problems = conversations(spec, teacher_side(spec), rows, prompts)
+    return found, [p or q for p, q in zip(problems, turn_problems)]
 
 
-def teacher_prompts(frame: pl.DataFrame, spec) -> list[str]:
-    """The prompts the teacher will be sent for these rows (rows that cannot render are left out)."""
+def teacher_prompts(frame: pl.DataFrame, spec) -> list[Conversation]:
+    """What the teacher will be sent for these rows (rows that cannot render are left out)."""
     return [p for p in render_teacher_prompts(frame, spec)[0] if p is not None]
+
+
+def teacher_contexts(rows: pl.DataFrame, spec) -> list[Conversation]:
+    """The teacher's conversations of rows it has answered: their stored teacher_prompt, in the turns
+    of teacher.system and teacher.messages rendered over each row (eval: the teacher's own context)."""
+    from engine.errors import TrainError
+
+    dicts = rows.select([c for c in rows.columns if not rows.schema[c].is_nested()]).to_dicts()
+    found, problems = conversations(spec, teacher_side(spec), dicts, rows["teacher_prompt"].to_list())
+    for row, problem in zip(dicts, problems):
+        if problem:
+            raise TrainError(f"example {str(row.get('prompt_id', '?'))[:12]}: {problem}")
+    return found
 
 
 def generation_params(spec, max_new_tokens: int | None = None) -> dict:
@@ -55,9 +71,10 @@ def generation_params(spec, max_new_tokens: int | None = None) -> dict:
     return {"generation": generation, "top_k": t.logprobs.top_k}
 
 
-def ask_teacher(ctx: RunContext, prompts: list[str], label: str = "teach", *,
+def ask_teacher(ctx: RunContext, prompts: list[str | Conversation], label: str = "teach", *,
                 max_new_tokens: int | None = None) -> tuple[list, int]:
-    """The teacher's output for each prompt, from the cache where it is there.
+    """The teacher's output for each prompt (a Conversation, or a text: one chat user turn), from the
+    cache where it is there.
 
     Returns (outputs in prompt order, number of new teacher calls). Each batch of fresh
     answers is committed to the cache as soon as it is answered, so an interrupt loses
@@ -79,7 +96,7 @@ def ask_teacher(ctx: RunContext, prompts: list[str], label: str = "teach", *,
     return [answers[k] for k in keys], len(todo)
 
 
-def _generate(todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache, label: str,
+def _generate(todo: list[tuple[str, str | Conversation]], ctx: RunContext, cache: TeacherCache, label: str,
               max_new_tokens: int | None = None) -> dict:
     if ctx.teacher is None:
         began = time.perf_counter()
@@ -99,7 +116,9 @@ def _generate(todo: list[tuple[str, str]], ctx: RunContext, cache: TeacherCache,
                 bar.advance(task, len(indices))
 
             began = time.perf_counter()
-            outs = ctx.teacher.generate([p for _, p in part], on_batch=commit, max_new_tokens=max_new_tokens)
+            # One plain chat user turn goes as its text, as every prompt did before conversations existed.
+            sent = [p.prompt if isinstance(p, Conversation) and p.plain else p for _, p in part]
+            outs = ctx.teacher.generate(sent, on_batch=commit, max_new_tokens=max_new_tokens)
             fresh = {k: o for (k, _), o in zip(part, outs)}
             seconds = time.perf_counter() - began
             cache.record_speed(ctx.teacher.fingerprint, len(part), sum(len(o.token_ids) for o in outs), seconds)
@@ -127,24 +146,51 @@ class Teach(Stage):
     top_up = "new_rows"
 
     def cache_slice(self, spec, store):
-        return [dump(spec.teacher), teacher_fingerprint(spec.teacher)]  # the prompt template's text is in dump
+        key = [dump(spec.teacher), teacher_fingerprint(spec.teacher)]  # the prompt template's text is in dump
+        if teach_order(spec) == "selection":  # which rows are asked: the quotas, selection's seed, the band
+            mining = spec.mining
+            key.append({"teach": dump(spec.teach), "coverage": dump(spec.coverage),
+                        "seed": spec.diversity.seed if spec.diversity else 0,
+                        "mining": [mining.confidence, list(mining.band), mining.truncated]})
+        return key
 
-    def run(self, frame: pl.DataFrame, ctx: RunContext):
+    def run_new_rows(self, batch: pl.DataFrame, kept: pl.DataFrame, ctx: RunContext):
+        """Top-up variations are made for a category short of its quota: every one is asked."""
+        return self.run(batch, ctx, ordered=False)
+
+    def run(self, frame: pl.DataFrame, ctx: RunContext, *, ordered: bool | None = None):
+        """ordered (default: teach.order is selection): ask in selection's order, up to the quotas."""
         spec = ctx.spec
         prompts, problems = render_teacher_prompts(frame, spec)
         rendered = pl.Series([p is not None for p in prompts], dtype=pl.Boolean)
         bad = frame.filter(~rendered)
         frame, prompts = frame.filter(rendered), [p for p in prompts if p is not None]
-        outputs, calls = ask_teacher(ctx, prompts)
+        skipped, order_stats = None, {}
+        if ordered is None:
+            ordered = teach_order(spec) == "selection"
+        if ordered:
+            from engine.stages.teach_order import ask_in_selection_order
+
+            frame, prompts, outputs, calls, skipped, order_stats = ask_in_selection_order(frame, prompts, ctx)
+        else:
+            outputs, calls = ask_teacher(ctx, prompts)
         stats = {"rows": frame.height, "cached": frame.height - calls, "teacher_calls": calls,
                  "generated_tokens": int(sum(len(o.token_ids) for o in outputs)), "render_limit": bad.height,
                  # chosen tokens a server returned as text no single id renders: stored as -1, never guessed
                  "unmapped_tokens": int(sum(int((o.token_ids < 0).sum()) for o in outputs))}
+        if prompts and not prompts[0].plain:  # what lineage shows of the teacher's context (the first row's)
+            stats["teacher_context"] = prompts[0].context()
+        stats.update(order_stats)
         dropped = rejections(bad, self.name, pl.Series([p for p in problems if p is not None], dtype=pl.String))
+        if skipped is not None and skipped.height:  # rows teach.order: selection never asked
+            dropped = pl.concat([dropped, skipped])
         return self._attach(frame, prompts, outputs, spec), dropped, stats
 
     @staticmethod
-    def _attach(frame: pl.DataFrame, prompts: list[str], outputs, spec) -> pl.DataFrame:
+    def _attach(frame: pl.DataFrame, prompts: list[str | Conversation], outputs, spec) -> pl.DataFrame:
+        """The teacher's columns beside the rows; teacher_prompt is each row's own prompt (the last user
+        turn, or the whole plain text), the system message and turns are the spec's."""
+        prompts = [as_conversation(p).prompt for p in prompts]
         marker = spec.teacher.reasoning.answer_marker if spec.teacher.reasoning else None
         split = [split_answer(o.text, marker) for o in outputs]
         tokens = pa.table({

@@ -32,9 +32,12 @@ class Teacher(Protocol):
     fingerprint: str  # identity of weights + backend, recorded in lineage and cache keys
     tokenizer: object
 
-    def generate(self, prompts: list[str], on_batch: Callable[[list[int], list[TeacherOutput]], None] | None = None,
+    def generate(self, prompts: list, on_batch: Callable[[list[int], list[TeacherOutput]], None] | None = None,
                  max_new_tokens: int | None = None) -> list[TeacherOutput]:
-        """One output per prompt, in order; on_batch(indices into prompts, their outputs) after each batch."""
+        """One output per prompt, in order; on_batch(indices into prompts, their outputs) after each batch.
+
+        A prompt is an engine.prompts.Conversation (chat or plain text, system message, turns) or a
+        text, which is one chat user turn."""
 
 
 def teacher_fingerprint(spec_teacher) -> str:

@@ -1,8 +1,12 @@
-"""Teacher backend on an OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp's server).
+"""Teacher backend on an OpenAI-compatible server (OpenAI, vLLM, llama.cpp's server).
 
-Each prompt is one `POST {base_url}/chat/completions` with `logprobs: true, top_logprobs: k`;
-up to `max_concurrency` run at once (a thread pool over one httpx2 client), and every answer is
-handed to `on_batch` as soon as it arrives, so the request cache commits it at once.
+Each prompt is one `POST {base_url}/chat/completions` with `logprobs: true, top_logprobs: k` and the
+conversation as `messages` (teacher.system, teacher.messages, then the prompt as the user turn); with
+teacher.chat: false, one `POST {base_url}/completions` with the plain `prompt` and `logprobs: k` (the
+completions API's form: per token its text, log-prob and a {text: log-prob} map of the top k, which
+llama.cpp's server and vLLM answer), read into the same columns. Up to `max_concurrency` run at once
+(a thread pool over one httpx2 client), and every answer is handed to `on_batch` as soon as it
+arrives, so the request cache commits it at once.
 
 Timeouts, connection errors, 429 and 5xx are retried with exponential backoff (a server's
 Retry-After is honoured, up to `retries.max_wait`); any other error status fails at once. The
@@ -93,18 +97,19 @@ class OpenAITeacher:
 
     # --- the protocol ---------------------------------------------------------
 
-    def generate(self, prompts: list[str], on_batch: Callable[[list[int], list[TeacherOutput]], None] | None = None,
+    def generate(self, prompts: list, on_batch: Callable[[list[int], list[TeacherOutput]], None] | None = None,
                  max_new_tokens: int | None = None) -> list[TeacherOutput]:
         """One output per prompt, in order; `on_batch([i], [output])` hears each answer as it arrives.
 
         The first request that fails for good stops the others from starting; the answers
         already in are still handed to on_batch (and so cached) before the error is raised.
         """
-        from engine.models import chat_prompt_ids
+        from engine.prompts import as_conversation, prompt_ids
 
-        # The prompt's length as the student will see it (chat template of the tokenizer here),
-        # to check the server's chat template against it; computed here, not in the workers.
-        expected = [len(chat_prompt_ids(self.tokenizer, p)) for p in prompts]
+        # The prompt's length in the ids stored beside the answer (the tokenizer here, its chat template
+        # for a chat), to check the server's reading against it; computed here, not in the workers.
+        prompts = [as_conversation(p) for p in prompts]
+        expected = [len(prompt_ids(self.tokenizer, p)) for p in prompts]
         outputs: list[TeacherOutput | None] = [None] * len(prompts)
         stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=self.spec.max_concurrency, thread_name_prefix="teacher")
@@ -144,25 +149,27 @@ class OpenAITeacher:
 
     # --- one request ----------------------------------------------------------
 
-    def _answer(self, prompt: str, expected_prompt_tokens: int, max_new_tokens: int | None,
+    def _answer(self, prompt, expected_prompt_tokens: int, max_new_tokens: int | None,
                 stop: threading.Event) -> TeacherOutput:
+        """One request: a chat (`messages`, /chat/completions) or, for chat: false, plain text (/completions)."""
         gen = self.spec.generation
         body = {
             **self.spec.extra_body,
             "model": self.spec.model,
-            "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_new_tokens or gen.max_new_tokens,
             "temperature": gen.temperature,
             "top_p": gen.top_p,
             "seed": gen.seed,
-            "logprobs": True,
-            "top_logprobs": self.spec.logprobs.top_k,
             "n": 1,
             "stream": False,
         }
+        if prompt.chat:
+            body.update(messages=prompt.messages(), logprobs=True, top_logprobs=self.spec.logprobs.top_k)
+        else:
+            body.update(prompt=prompt.prompt, logprobs=self.spec.logprobs.top_k)
         try:
-            data = self._request("POST", "/chat/completions", body, stop)
-            out = self._parse(data)
+            data = self._request("POST", "/chat/completions" if prompt.chat else "/completions", body, stop)
+            out = self._parse(data, chat=prompt.chat)
         except _Cancelled:
             raise
         except BaseException:
@@ -176,9 +183,15 @@ class OpenAITeacher:
                 self.stats["prompt_mismatch"] += 1
                 if not self._warned_prompt:
                     self._warned_prompt = True
-                    log.warning("teacher %s read %d prompt tokens where the tokenizer's chat template gives %d: "
-                                "the server's chat template differs from the one students are trained with",
-                                self.base_url, usage["prompt_tokens"], expected_prompt_tokens)
+                    if prompt.chat:
+                        log.warning("teacher %s read %d prompt tokens where the tokenizer's chat template gives %d: "
+                                    "the server's chat template differs from the one students are trained with",
+                                    self.base_url, usage["prompt_tokens"], expected_prompt_tokens)
+                    else:
+                        log.warning("teacher %s read %d prompt tokens where the tokenizer gives %d for the plain "
+                                    "prompt: the server tokenizes it otherwise (a begin-of-text token?) than the "
+                                    "students are trained with", self.base_url, usage["prompt_tokens"],
+                                    expected_prompt_tokens)
         return out
 
     def _request(self, method: str, path: str, body: dict | None = None,
@@ -257,14 +270,18 @@ class OpenAITeacher:
 
     # --- one answer -----------------------------------------------------------
 
-    def _parse(self, data: dict) -> TeacherOutput:
+    def _parse(self, data: dict, chat: bool = True) -> TeacherOutput:
         try:
             choice = data["choices"][0]
         except (KeyError, IndexError, TypeError):
             raise TeacherError(self._scrub(f"teacher server {self.base_url}: an answer without choices "
                                            f"({json.dumps(data)[:200]})")) from None
-        content = (choice.get("message") or {}).get("content") or ""
-        entries = (choice.get("logprobs") or {}).get("content")
+        if chat:
+            content = (choice.get("message") or {}).get("content") or ""
+            entries = (choice.get("logprobs") or {}).get("content")
+        else:
+            content = choice.get("text") or ""
+            entries = _completion_entries(choice.get("logprobs"))
         if entries is None or (entries == [] and content):
             raise TeacherError(f"teacher server {self.base_url} {NO_LOGPROBS}")
         k = self.spec.logprobs.top_k
@@ -304,6 +321,21 @@ class OpenAITeacher:
             finish_reason=_finish_reason(choice.get("finish_reason")),
             unmapped_tokens=unmapped,
         )
+
+
+def _completion_entries(logprobs) -> list[dict] | None:
+    """The completions API's logprobs ({tokens, token_logprobs, top_logprobs: [{text: log-prob}]}) as the
+    chat API's token entries ({token, logprob, top_logprobs: [{token, logprob}]}); None: none given."""
+    if not isinstance(logprobs, dict) or not isinstance(logprobs.get("tokens"), list):
+        return None
+    tokens = logprobs["tokens"]
+    chosen = logprobs.get("token_logprobs") or [None] * len(tokens)
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    entries = []
+    for token, lp, top in zip(tokens, chosen, tops):
+        alternatives = [{"token": t, "logprob": v} for t, v in top.items()] if isinstance(top, dict) else []
+        entries.append({"token": token, "logprob": lp, "top_logprobs": alternatives})
+    return entries
 
 
 def _number(value) -> float:

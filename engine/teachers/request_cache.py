@@ -1,6 +1,7 @@
 """Per-row cache of teacher answers, keyed by content.
 
-key = sha256(teacher fingerprint, generation parameters, the exact prompt sent).
+key = sha256(teacher fingerprint, generation parameters, the exact request: for one chat user turn the
+prompt text itself, else the whole conversation: chat or plain, system message, turns and prompt).
 Each batch is committed as soon as it is answered, so an interrupted run resumes
 without paying again for any completed teacher call.
 """
@@ -17,8 +18,10 @@ import numpy as np
 from engine.teachers import TeacherOutput
 
 
-def request_key(fingerprint: str, params: dict, prompt: str) -> str:
-    payload = json.dumps([fingerprint, params, prompt], sort_keys=True, ensure_ascii=False)
+def request_key(fingerprint: str, params: dict, prompt) -> str:
+    """`prompt`: a text (one chat user turn) or an engine.prompts.Conversation."""
+    text = prompt if isinstance(prompt, str) else prompt.key
+    payload = json.dumps([fingerprint, params, text], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -7,7 +7,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.models import chat_prompt_ids, load_causal_lm
+from engine.models import load_causal_lm
+from engine.prompts import prompt_ids
 from engine.teachers import TeacherOutput, teacher_fingerprint
 
 
@@ -18,11 +19,12 @@ class TransformersTeacher:
         self.fingerprint = teacher_fingerprint(spec_teacher)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], on_batch: Callable[[list[int], list[TeacherOutput]], None] | None = None,
+    def generate(self, prompts: list, on_batch: Callable[[list[int], list[TeacherOutput]], None] | None = None,
                  max_new_tokens: int | None = None) -> list[TeacherOutput]:
         """One output per prompt, in order. Prompts are batched by length to limit padding;
-        `on_batch(indices, outputs)` hears each batch as soon as it is answered."""
-        encoded = [chat_prompt_ids(self.tokenizer, p) for p in prompts]
+        `on_batch(indices, outputs)` hears each batch as soon as it is answered. A prompt is a
+        Conversation (engine.prompts) or a text (one chat user turn)."""
+        encoded = [prompt_ids(self.tokenizer, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         outputs: list[TeacherOutput | None] = [None] * len(prompts)
         size = self.spec.batch_size

@@ -1,6 +1,6 @@
 """Examples frame -> token tensors: the student's context plus the teacher's tokens.
 
-An example's input is chat_prompt_ids(student text) + the teacher's token ids. The
+An example's input is prompt_ids(the student's conversation) + the teacher's token ids. The
 logits at position t predict token t+1, so response token j (at position P+j) is
 scored by the logits at P+j-1; the prompt is masked out of the loss.
 """
@@ -13,7 +13,7 @@ import polars as pl
 import torch
 
 from engine.errors import RenderLimit, TrainError
-from engine.models import chat_prompt_ids
+from engine.prompts import Conversation, conversations, prompt_ids, student_side
 from engine.templates import compile_template, render
 
 _LIST_COLUMNS = ("token_ids", "topk_ids", "topk_logprobs")
@@ -42,8 +42,26 @@ def student_texts(examples: pl.DataFrame, student_prompt: str | None) -> list[st
     return texts
 
 
-def encode(examples: pl.DataFrame, tokenizer, texts: list[str]) -> list[Encoded]:
+def student_conversations(examples: pl.DataFrame, spec) -> list[Conversation]:
+    """What the student reads, whole: student_texts in the student's chat, system message and turns
+    (training.student_chat, student_system, student_messages; each unset: the teacher's). Training,
+    eval and export all take the student's context from here."""
+    side = student_side(spec)
+    texts = student_texts(examples, spec.training.student_prompt)
+    scalar = [c for c in examples.columns if not examples.schema[c].is_nested()]  # no template reads token lists
+    rows = examples.select(scalar).to_dicts() if side.system is not None or side.messages else [{}] * len(texts)
+    found, problems = conversations(spec, side, rows, texts)
+    for row, problem in zip(rows, problems):
+        if problem:  # the dataset is fixed by now: a row the student cannot read stops training
+            raise TrainError(f"example {str(row.get('prompt_id', '?'))[:12]}: {problem}")
+    return found
+
+
+def encode(examples: pl.DataFrame, tokenizer, texts: list) -> list[Encoded]:
     """One Encoded per row with at least one teacher token (an empty response teaches nothing).
+
+    texts: per row what the student reads: a Conversation (student_conversations), or a text, read
+    as the one user turn of a chat.
 
     A row holding an unmapped token (id -1: a server answered with text no single id renders)
     is left out: its targets are not known exactly.
@@ -52,7 +70,7 @@ def encode(examples: pl.DataFrame, tokenizer, texts: list[str]) -> list[Encoded]
     columns = examples.select(_LIST_COLUMNS).cast({"topk_logprobs": pl.List(pl.List(pl.Float32))})
     for text, (tokens, topk_ids, topk_lps) in zip(texts, columns.iter_rows()):
         if tokens and min(tokens) >= 0:
-            out.append(Encoded(chat_prompt_ids(tokenizer, text), list(tokens), topk_ids, topk_lps))
+            out.append(Encoded(prompt_ids(tokenizer, text), list(tokens), topk_ids, topk_lps))
     return out
 
 

@@ -9,7 +9,9 @@ Two kinds of set are scored, each reported on its own:
   selected). The teacher answers them through its prompt and the request cache
   (engine.stages.teach.ask_teacher), so each prompt is asked once, ever.
 
-Students answer greedily from the context they were trained on (training.student_prompt).
+Students answer greedily from the context they were trained on (training.student_prompt, in
+training.student_chat/system/messages: engine.train.data.student_conversations), the teacher's
+token KL is taken in its own context (teacher.prompt in teacher.chat/system/messages).
 
 Every accuracy carries n and a 95% Wilson score interval, beside the majority-class baseline
 (the most frequent gold label's share on the same rows), per-category accuracy, a confusion
@@ -22,9 +24,7 @@ With several training seeds, each student is summarised by the mean and the minâ
 
 from __future__ import annotations
 
-import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,19 +36,20 @@ from rich.table import Table
 from transformers import GenerationConfig
 
 from engine.errors import TrainError
-from engine.models import chat_prompt_ids, load_causal_lm, resolve_causal_lm, set_threads
+from engine.models import load_causal_lm, resolve_causal_lm, set_threads
+from engine.prompts import prompt_ids
+# The statistics of answers against gold live in engine.scoring (light: `syllabus run` uses them too).
+from engine.scoring import (NO_ANSWER, ONE_ANSWER_SHARE, Z95, accuracy, majority_baseline,  # noqa: F401
+                            score, shown_answer, wilson)
 from engine.spec import Spec, SpecError
-from engine.teachers.answers import normalise_answer, normalise_text, split_answer
-from engine.train.data import collate, encode, response_logits, student_texts
+from engine.teachers.answers import normalise_answer, split_answer
+from engine.train.data import collate, encode, response_logits, student_conversations
 from engine.train.device import resolve_device, to_device
 from engine.train.losses import token_kl
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
-NO_ANSWER = "no answer"  # a reply that names none of the set's labels
-ONE_ANSWER_SHARE = 0.9  # a model giving one answer to at least this share of rows is flagged
 METHODS = {
     "interval": "95% Wilson score interval",
     "retention_interval": f"95% paired bootstrap over rows ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}, "
@@ -60,17 +61,6 @@ METHODS = {
 
 
 # --- statistics -------------------------------------------------------------------------
-
-
-def wilson(k: int, n: int, z: float = Z95) -> list[float] | None:
-    """The Wilson score interval [low, high] for k successes in n trials (None when n is 0)."""
-    if n <= 0:
-        return None
-    p = k / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def retention_interval(student: np.ndarray, teacher: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -95,83 +85,6 @@ def retention_interval(student: np.ndarray, teacher: np.ndarray, *, resamples: i
     if not ratios.size:
         return None
     return [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
-
-
-def accuracy(answers: list[str], gold: list[str | None], labels: set[str]) -> float | None:
-    """Share of labelled rows whose normalised answer is the normalised gold label."""
-    pairs = [(a, g) for a, g in zip(answers, gold) if g is not None]
-    if not pairs:
-        return None
-    return float(np.mean([a == normalise_answer(g, labels) for a, g in pairs]))
-
-
-def majority_baseline(gold: list[str | None], labels: set[str]) -> dict | None:
-    """The most frequent gold label (ties: the first in sorted order) and its share of the labelled rows."""
-    normalised = [normalise_answer(g, labels) for g in gold if g is not None]
-    if not normalised:
-        return None
-    counts = Counter(normalised)
-    label, k = min(counts.items(), key=lambda item: (-item[1], item[0]))
-    return {"label": label, "n": len(normalised), "correct": k, "accuracy": k / len(normalised),
-            "ci": wilson(k, len(normalised))}
-
-
-def shown_answer(answer: str, label_set: set[str]) -> str:
-    """An answer as the confusion table counts it: one of the labels, or NO_ANSWER."""
-    if not label_set:
-        return answer or NO_ANSWER  # no gold labels at all: free answers count as they are
-    return answer if answer in label_set else NO_ANSWER
-
-
-def score(answers: list[str], gold: list[str | None], categories: list[str | None], labels: set[str],
-          reference: list[str] | None = None) -> dict:
-    """Every figure of one model on one set, from its normalised answers.
-
-    reference: the teacher's normalised answers on the same rows (agreement); None for the teacher.
-    """
-    label_set = {normalise_text(label) for label in labels}
-    golds = [None if g is None else normalise_answer(g, labels) for g in gold]
-    labelled = [i for i, g in enumerate(golds) if g is not None]
-    correct = [answers[i] == golds[i] for i in labelled]
-    k, n = sum(correct), len(labelled)
-
-    per_category: dict[str, dict] = {}
-    for i, right in zip(labelled, correct):
-        name = categories[i] if categories[i] is not None else "(none)"
-        entry = per_category.setdefault(name, {"n": 0, "correct": 0})
-        entry["n"] += 1
-        entry["correct"] += int(right)
-    for entry in per_category.values():
-        entry["accuracy"] = entry["correct"] / entry["n"]
-        entry["ci"] = wilson(entry["correct"], entry["n"])
-
-    confusion: dict[str, dict[str, int]] = {}
-    for i in labelled:
-        row = confusion.setdefault(golds[i], {})
-        shown = shown_answer(answers[i], label_set)
-        row[shown] = row.get(shown, 0) + 1
-    shown_all = Counter(shown_answer(a, label_set) for a in answers)
-    top, top_n = min(shown_all.items(), key=lambda item: (-item[1], item[0])) if answers else (None, 0)
-    share = top_n / len(answers) if answers else None
-    result = {
-        "n": n,
-        "correct": k,
-        "accuracy": k / n if n else None,
-        "accuracy_ci": wilson(k, n),
-        "per_category": dict(sorted(per_category.items())),
-        "confusion": {g: dict(sorted(row.items())) for g, row in sorted(confusion.items())},
-        "answers": dict(sorted(shown_all.items(), key=lambda item: (-item[1], item[0]))),
-        "top_answer": {"answer": top, "share": share, "count": top_n},
-        "one_answer": bool(share is not None and len(answers) > 1 and share >= ONE_ANSWER_SHARE),
-        "correct_rows": correct,  # per labelled row, for retention's bootstrap; dropped before saving
-    }
-    if reference is not None:
-        same = sum(a == t for a, t in zip(answers, reference))
-        result.update(agreement=same / len(answers) if answers else None, agreement_n=len(answers),
-                      agreement_ci=wilson(same, len(answers)))
-    else:
-        result.update(agreement=1.0, agreement_n=len(answers), agreement_ci=None)
-    return result
 
 
 def summarise_seeds(rows: list[dict]) -> list[dict]:
@@ -285,6 +198,12 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
     teacher_answers = [[normalise_answer(a or "", s.labels) for a in s.rows["answer"].to_list()] for s in sets]
     reports = [{"name": s.name, "kind": s.kind, "description": s.description, "rows": s.rows.height,
                 "baseline": majority_baseline(g, s.labels), "models": []} for s, g in zip(sets, golds)]
+    # What each side reads (engine.prompts): the teacher its stored prompt in teacher.chat/system/messages,
+    # the students theirs in training.student_*, exactly as teaching and training built them.
+    from engine.stages.teach import teacher_contexts
+
+    teacher_reads = [teacher_contexts(s.rows, spec) for s in sets]
+    student_reads = [student_conversations(_as_examples(s.rows), spec) for s in sets]
 
     batches = sum(-(-s.rows.height // batch) for s in sets)
     steps = (batches + n_speed) + len(students) * (2 * batches + n_speed)
@@ -296,14 +215,15 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
         teacher, tokenizer = load_causal_lm(spec.teacher.model)
         teacher.to(device)  # training.device, as the students trained (float32 here, no autocast)
         # Every model is timed on the same ids: the teacher's context of the first set's first rows.
-        speed_ids = [chat_prompt_ids(tokenizer, t) for t in first["teacher_prompt"].to_list()[:n_speed]]
+        speed_ids = [prompt_ids(tokenizer, c) for c in teacher_reads[0][:n_speed]]
         size = {"params": count_params(teacher), "disk_bytes": weights_bytes(resolve_causal_lm(spec.teacher.model)),
                 "decode_tok_s": decode_speed(teacher, tokenizer, speed_ids, spec.eval.speed_tokens, tick)}
         teacher_scores = []
-        for s, report, gold, cats, answers in zip(sets, reports, golds, categories, teacher_answers):
+        for s, report, gold, cats, answers, reads in zip(sets, reports, golds, categories, teacher_answers,
+                                                         teacher_reads):
             scores = score(answers, gold, cats, s.labels)
             teacher_scores.append(scores)
-            kl = mean_token_kl(teacher, tokenizer, s.rows, s.rows["teacher_prompt"].to_list(), batch, tick)
+            kl = mean_token_kl(teacher, tokenizer, s.rows, reads, batch, tick)
             report["models"].append(_row(spec.teacher.model, "teacher", None, s, size, scores, kl, report["baseline"],
                                          retention=1.0 if scores["accuracy"] else None, retention_ci=None))
         del teacher
@@ -315,14 +235,13 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
             # A trimmed vocabulary (from_teacher vocab:) has a tokenizer of its own: it reads the same
             # texts as its own ids, for speed as for answers.
             trimmed = tok.get_vocab() != tokenizer.get_vocab()
-            ids = ([chat_prompt_ids(tok, t) for t in first["teacher_prompt"].to_list()[:n_speed]] if trimmed
-                   else speed_ids)
+            ids = [prompt_ids(tok, c) for c in teacher_reads[0][:n_speed]] if trimmed else speed_ids
             size = {"params": count_params(model), "disk_bytes": weights_bytes(Path(run.folder)),
                     "decode_tok_s": decode_speed(model, tok, ids, spec.eval.speed_tokens, tick)}
-            for s, report, gold, cats, reference, t_scores in zip(sets, reports, golds, categories, teacher_answers,
-                                                                  teacher_scores):
-                texts = student_texts(_as_examples(s.rows), spec.training.student_prompt)
-                prompts = [chat_prompt_ids(tok, t) for t in texts]
+            for s, report, gold, cats, reference, t_scores, texts in zip(sets, reports, golds, categories,
+                                                                         teacher_answers, teacher_scores,
+                                                                         student_reads):
+                prompts = [prompt_ids(tok, t) for t in texts]
                 answers = [normalise_answer(split_answer(r, marker)[1], s.labels)
                            for r in generate_texts(model, tok, prompts, max_new, batch, tick)]
                 scores = score(answers, gold, cats, s.labels, reference)

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engine.models import load_causal_lm, set_threads
 from engine.spec import Loss, Spec, SpecError, Student
-from engine.train.data import collate, encode, response_logits, student_texts
+from engine.train.data import collate, encode, response_logits, student_conversations
 from engine.train.device import autocast, autocast_dtype, resolve_device, to_device
 from engine.train.hidden import HiddenDistill, check_teacher_layers, decoder_layers, with_teacher_hidden
 from engine.train.losses import distillation_loss
@@ -266,10 +266,10 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
     teacher, tokenizer = load_causal_lm(spec.teacher.model)
     if cfg.loss.hidden is not None:  # before any student is built: a bad teacher layer fails at once
         check_teacher_layers(cfg.loss.hidden.layer_map, len(decoder_layers(teacher)), where)
-    encoded = encode(train, tokenizer, student_texts(train, cfg.student_prompt))
+    encoded = encode(train, tokenizer, student_conversations(train, spec))
     if not encoded:
         raise SpecError(f"{where}: training: the train split has no example with teacher tokens to learn from")
-    val_encoded = encode(val, tokenizer, student_texts(val, cfg.student_prompt)) if val.height else []
+    val_encoded = encode(val, tokenizer, student_conversations(val, spec)) if val.height else []
     if (patience is not None or keep_best) and not val_encoded:
         what = "early_stopping" if patience is not None else "keep: best"
         raise SpecError(f"{where}: training.{what} needs the val loss, and the val split has no example "

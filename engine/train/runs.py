@@ -34,6 +34,7 @@ class TrainResult:
 
 def training_hash(spec) -> str:
     from engine.models import fingerprint
+    from engine.prompts import side_format, student_side
 
     shaping = {
         "teacher": fingerprint(spec.teacher.model),  # weights, not the name: a changed file retrains
@@ -41,6 +42,11 @@ def training_hash(spec) -> str:
         "students": [s.model_dump(mode="json") for s in spec.students],
         "training": _training_shaping(spec.training),
     }
+    # How the student reads its prompt (chat or plain, system message, turns: its own or the teacher's),
+    # resolved; left out at the defaults, so runs named before these settings existed keep their ids.
+    reads = side_format(student_side(spec))
+    if reads is not None:
+        shaping["student_reads"] = reads
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 
@@ -52,8 +58,10 @@ def _training_shaping(training) -> dict:
     to learn, so asking for the same run on another machine reuses it (or resumes its checkpoint, which
     loads onto any device) instead of training again. metrics.json records the device a run used.
     A loss term left at its default (hidden: null) is left out too, so runs named before it existed
-    keep their ids."""
-    shaping = training.model_dump(mode="json", exclude={"seeds", "checkpoint_every", "device"})
+    keep their ids; student_chat, student_system and student_messages are named by training_hash
+    as the student reads them (inherited from the teacher where unset)."""
+    shaping = training.model_dump(mode="json", exclude={"seeds", "checkpoint_every", "device", "student_chat",
+                                                        "student_system", "student_messages"})
     if shaping["loss"].get("hidden") is None:
         shaping["loss"].pop("hidden", None)
     return shaping
