@@ -27,34 +27,21 @@ import numpy as np
 from engine.models import load_causal_lm, set_threads
 from engine.spec import Spec
 from engine.train.checkpoint import RunCheckpoints
-from engine.train.data import Encoded, collate
+from engine.train.data import collate
 from engine.train.hidden import with_teacher_hidden
 from engine.train.loop import Trainee
+from kd_step import synthetic  # bench/ is on the path when a bench script runs: the same synthetic batch
 
-VOCAB = 49152
 STUDENTS = [{"name": "tiny", "config": {"hidden_size": 192, "num_layers": 4, "num_heads": 4, "intermediate_size": 512}},
             {"name": "drop6", "from_teacher": {"layers": [0, 6, 12, 18, 24, 29]}}]
-
-
-def synthetic(n: int, rng: np.random.Generator, prompt_len: int = 40, response_len: int = 16, k: int = 20) -> list[Encoded]:
-    out = []
-    for _ in range(n):
-        tokens = rng.integers(0, VOCAB, response_len).tolist()
-        topk = [[t] + rng.integers(0, VOCAB, k - 1).tolist() for t in tokens]
-        lps = [sorted(np.log(rng.dirichlet(np.ones(k + 1))[:k]).tolist(), reverse=True) for _ in tokens]
-        out.append(Encoded(rng.integers(0, VOCAB, prompt_len).tolist(), tokens, topk, lps))
-    return out
-
 
 def spec(student: dict, hidden: bool) -> Spec:
     loss = {"hidden": {"weight": 1.0}} if hidden else {}
     return Spec.model_validate({"name": "bench", "teacher": {"model": "smollm2-135m-instruct"},
                                 "sources": [{"inline": ["x"]}], "students": [student], "training": {"loss": loss}})
 
-
 def median_ms(times: list[float]) -> float:
     return 1000 * statistics.median(times)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -104,7 +91,6 @@ def main() -> None:
         print(f"{student['name']}: KD step {times[False]:.0f} ms, KD + hidden step {times[True]:.0f} ms "
               f"({times[True] / times[False]:.2f}x; +{median_ms(teacher_ms[1:]):.0f} ms teacher forward per "
               f"micro-batch, shared); layer map {layer_map}, projections {proj / 1e6:.2f} M params")
-
 
 if __name__ == "__main__":
     main()
