@@ -32,16 +32,20 @@ from engine.train.hidden import with_teacher_hidden
 from engine.train.loop import Trainee
 from kd_step import synthetic  # bench/ is on the path when a bench script runs: the same synthetic batch
 
+
 STUDENTS = [{"name": "tiny", "config": {"hidden_size": 192, "num_layers": 4, "num_heads": 4, "intermediate_size": 512}},
             {"name": "drop6", "from_teacher": {"layers": [0, 6, 12, 18, 24, 29]}}]
+
 
 def spec(student: dict, hidden: bool) -> Spec:
     loss = {"hidden": {"weight": 1.0}} if hidden else {}
     return Spec.model_validate({"name": "bench", "teacher": {"model": "smollm2-135m-instruct"},
                                 "sources": [{"inline": ["x"]}], "students": [student], "training": {"loss": loss}})
 
+
 def median_ms(times: list[float]) -> float:
     return 1000 * statistics.median(times)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -91,6 +95,7 @@ def main() -> None:
         print(f"{student['name']}: KD step {times[False]:.0f} ms, KD + hidden step {times[True]:.0f} ms "
               f"({times[True] / times[False]:.2f}x; +{median_ms(teacher_ms[1:]):.0f} ms teacher forward per "
               f"micro-batch, shared); layer map {layer_map}, projections {proj / 1e6:.2f} M params")
+
 
 if __name__ == "__main__":
     main()
