@@ -295,16 +295,20 @@ class Store:
         from .inspect import summary
         return summary(self, ref, **kwargs)
 
-    def gc(self, dry_run: bool = False, grace_s: float = 3600.0) -> "GcReport":
+    def gc(self, dry_run: bool = False, grace_s: float = 3600.0, checkpoints: bool = False) -> "GcReport":
         """Remove staging leftovers of dead writers and data files no version references.
 
         Runs under the catalog's write lock, so no commit can record a file while it is judged;
         other entries of staging/ (not made by the store) go only once untouched for `grace_s`.
+        Training checkpoints (models/.checkpoints/<run>/): a finished run's always goes; an interrupted
+        run's is what `syllabus train` resumes from, so it is listed as kept unless `checkpoints`;
+        one whose run is training now is never touched.
         """
         report = GcReport(dry_run)
         now = time.time()
         for entry in files.stale_staging(self.root / "staging", grace_s, now):
             report.add(entry, "staging leftover")
+        self._gc_checkpoints(report, checkpoints)
         with self.catalog.write_lock() as con:
             referenced = self.catalog.referenced_paths(con)
             data = self.root / "data"
@@ -330,6 +334,25 @@ class Store:
                     if now - _mtime(tmp) >= 60:
                         tmp.unlink(missing_ok=True)
         return report
+
+    def _gc_checkpoints(self, report: "GcReport", interrupted: bool) -> None:
+        folder = self.root / "models" / ".checkpoints"  # engine/train/checkpoint.py writes them there
+        if not folder.is_dir():
+            return
+        finished = {m["run_id"] for m in self.catalog.models()}
+        for run in sorted(p for p in folder.iterdir() if p.is_dir()):
+            with files.unless_locked(run / "lock") as free:
+                if not free:
+                    continue  # a run training now
+                if run.name in finished or interrupted:
+                    report.add(run, f"checkpoint of {'a finished' if run.name in finished else 'an interrupted'} run")
+                    if not report.dry_run:
+                        files.remove(run)  # under its lock: no trainer takes the folder meanwhile
+                else:
+                    report.keep(run, "checkpoint of an interrupted run: `syllabus train` resumes it; "
+                                     "gc --checkpoints removes it")
+        if not report.dry_run and not any(folder.iterdir()):
+            folder.rmdir()
 
     def verify(self, progress=None) -> "VerifyReport":
         """Re-hash every file of every version; report missing or altered files with the versions using them."""
@@ -424,9 +447,13 @@ class GcItem:
 class GcReport:
     dry_run: bool
     items: list[GcItem] = field(default_factory=list)
+    kept: list[GcItem] = field(default_factory=list)  # found and spared on purpose (said why)
 
     def add(self, path: Path, why: str) -> None:
         self.items.append(GcItem(path, _size(path), why))
+
+    def keep(self, path: Path, why: str) -> None:
+        self.kept.append(GcItem(path, _size(path), why))
 
     @property
     def bytes(self) -> int:

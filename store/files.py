@@ -13,6 +13,7 @@ the crash tests use it to kill real processes at exact moments.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -185,6 +186,25 @@ def _lock_is_held(lock: Path) -> bool:
     finally:
         os.close(fd)  # closing drops our lock if we got it
     return False
+
+
+@contextlib.contextmanager
+def unless_locked(lock: Path):
+    """Yields True holding `lock`'s flock (none there: True, nothing held), False if another process holds it."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # drops our lock
 
 
 def _newest_mtime(path: Path) -> float:

@@ -57,8 +57,8 @@ def make_examples(model_dir, *, prompts=TINY_PROMPTS, top_k: int = 8, max_new_to
     Rows 0-9 train, 10-11 val, 12-15 test. Even rows are labelled with the teacher's own
     answer (so the teacher scores 100% on them), odd rows with "no" (which it never says).
     """
-    from engine.teachers.answers import split_answer
     from engine.models import chat_prompt_ids, load_causal_lm
+    from engine.teachers.answers import split_answer
 
     model, tokenizer = load_causal_lm(str(model_dir))  # pads on the left, for batched generation
     eos = tokenizer.eos_token_id
@@ -95,6 +95,18 @@ def make_examples(model_dir, *, prompts=TINY_PROMPTS, top_k: int = 8, max_new_to
         "topk_logprobs": pl.List(pl.List(pl.Float16)), "category": pl.String,
     }
     return pl.DataFrame(rows, schema=schema)
+
+
+def tiny_train_spec(teacher_dir, students: list[dict], backend: str = "transformers", **training):
+    """A spec over the tiny teacher for training tests: its students and training fields as given."""
+    from engine.spec import parse_spec
+
+    teacher = {"model": str(teacher_dir), "backend": backend, "generation": {"max_new_tokens": 8},
+               "logprobs": {"top_k": 8}, "reasoning": {"answer_marker": "Answer:"}, "batch_size": 4}
+    if backend == "openai":
+        teacher.update(base_url="http://127.0.0.1:9/v1", tokenizer=str(teacher_dir))
+    return parse_spec({"name": "tiny", "teacher": teacher, "sources": [{"path": "unused.jsonl"}],
+                       "students": students, "training": training, "eval": {"speed_prompts": 2, "speed_tokens": 4}})
 
 
 @pytest.fixture(scope="session")

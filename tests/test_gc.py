@@ -9,6 +9,8 @@ Side files of the store, and who leaves them:
 - cache/store/rows/<sha>.<scheme>.u64      row hashes of a data file (and .<sha>.*.tmp while written)
 - cache/store/checked.sqlite               integrity stamps of data files
 - models/<run>/<student>/                  trained students: not gc's business, always kept
+- models/.checkpoints/<run>/               a training run's checkpoint: a finished run's goes, an interrupted
+                                           run's stays unless gc --checkpoints, a run training now is never touched
 """
 
 from __future__ import annotations
@@ -231,3 +233,42 @@ def test_models_and_caches_are_never_collected(s):
     assert (model / "model.safetensors").read_bytes() == b"weights" and (unrecorded / "metrics.json").exists()
     assert all(p.read_bytes() == b"cached" for p in caches)
     assert [m["student"] for m in s.models()] == ["tiny"]
+
+
+def checkpoint(s, run_id: str) -> Path:
+    folder = s.root / "models" / ".checkpoints" / run_id
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()
+    (folder / "state.pt").write_bytes(b"state" * 100)
+    return folder
+
+
+def test_checkpoints_of_finished_runs_go_interrupted_ones_stay_until_asked(s):
+    finished, interrupted = checkpoint(s, "demo-v1-done"), checkpoint(s, "demo-v2-cut")
+    model = s.root / "models" / "demo-v1-done" / "tiny"
+    model.mkdir(parents=True)
+    s.record_model(dataset="demo", version=1, run_id="demo-v1-done", student="tiny", path=model,
+                   spec_hash="h", metrics={})
+
+    report = s.gc()
+    assert [(i.path, i.why) for i in report.items] == [(finished, "checkpoint of a finished run")]
+    assert [i.path for i in report.kept] == [interrupted] and "gc --checkpoints" in report.kept[0].why
+    assert not finished.exists() and (interrupted / "state.pt").exists() and model.exists()
+
+    assert [i.path for i in s.gc(checkpoints=True, dry_run=True).items] == [interrupted]
+    assert interrupted.exists()
+    assert [i.path for i in s.gc(checkpoints=True).items] == [interrupted]
+    assert not (s.root / "models" / ".checkpoints").exists() and model.exists()
+
+
+def test_a_checkpoint_whose_run_is_training_is_never_touched(s):
+    import fcntl
+
+    live = checkpoint(s, "demo-v1-live")
+    fd = os.open(live / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        report = s.gc(checkpoints=True)
+        assert report.items == [] and report.kept == [] and (live / "state.pt").exists()
+    finally:
+        os.close(fd)

@@ -7,28 +7,19 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_train_spec as _spec
 from transformers import AutoModelForCausalLM
 
 from engine.models import load_causal_lm
-from engine.spec import SpecError, parse_spec
+from engine.spec import SpecError
 from engine.train import train_students
 from engine.train.data import collate, encode, student_texts
-from engine.train.hidden import (HiddenDistill, capture, default_layer_map, resolve_layer_map,
-                                 with_teacher_hidden)
+from engine.train.hidden import HiddenDistill, capture, default_layer_map, resolve_layer_map, with_teacher_hidden
 from engine.train.loop import Trainee
 from engine.train.losses import hidden_state_loss
 
 FRESH = {"name": "fresh", "config": {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "intermediate_size": 32}}
 HALVES = {"name": "halves", "from_teacher": {"layers": [0, 2]}}
-
-
-def _spec(teacher_dir, students, backend="transformers", **training):
-    teacher = {"model": str(teacher_dir), "backend": backend, "generation": {"max_new_tokens": 8},
-               "logprobs": {"top_k": 8}, "reasoning": {"answer_marker": "Answer:"}, "batch_size": 4}
-    if backend == "openai":
-        teacher.update(base_url="http://127.0.0.1:9/v1", tokenizer=str(teacher_dir))
-    return parse_spec({"name": "tiny", "teacher": teacher, "sources": [{"path": "unused.jsonl"}],
-                       "students": students, "training": training})
 
 
 # --- the term ----------------------------------------------------------------------------------

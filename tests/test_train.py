@@ -8,15 +8,16 @@ import math
 import polars as pl
 import pytest
 import torch
+from conftest import tiny_train_spec as _spec
 from rich.console import Console
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from engine.models import ModelError, chat_prompt_ids, load_causal_lm
-from engine.spec import Loss, SpecError, parse_spec
+from engine.spec import Loss, SpecError
 from engine.train import evaluate, format_table, train_students
 from engine.train.data import Encoded, collate, encode, student_texts
-from engine.train.losses import distillation_loss, token_kl
 from engine.train.loop import Trainee, hard_weight_at, lr_schedule, temperature_at
+from engine.train.losses import distillation_loss, token_kl
 from engine.train.students import build_student, lr_depths
 
 # --- the loss ------------------------------------------------------------------------
@@ -142,18 +143,6 @@ def test_collate_aligns_targets_one_position_before_each_token(tiny_llm_dir, tin
 
 
 # --- students ------------------------------------------------------------------------
-
-
-def _spec(teacher_dir, students, **training):
-    return parse_spec({
-        "name": "tiny",
-        "teacher": {"model": str(teacher_dir), "generation": {"max_new_tokens": 8}, "logprobs": {"top_k": 8},
-                    "reasoning": {"answer_marker": "Answer:"}, "batch_size": 4},
-        "sources": [{"path": "unused.jsonl"}],
-        "students": students,
-        "training": training,
-        "eval": {"speed_prompts": 2, "speed_tokens": 4},
-    })
 
 
 def test_from_teacher_keeps_the_chosen_layers_exactly(tiny_llm_dir):

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_train_spec
 from safetensors.torch import load_file
 
 import engine.train.loop as loop
 import store
 from engine.errors import Interrupted, SpecError, TrainError
-from engine.spec import parse_spec
 from engine.train import runs, train_students
 from engine.train.checkpoint import FOLDER, RunCheckpoints
 from engine.train.device import autocast, resolve_device, to_device
@@ -27,14 +27,7 @@ TIMING = ("wall_seconds", "val_seconds", "run_seconds", "resumed_from_step", "ch
 
 
 def _spec(teacher_dir, students=STUDENTS, **training):
-    return parse_spec({
-        "name": "tiny",
-        "teacher": {"model": str(teacher_dir), "generation": {"max_new_tokens": 8}, "logprobs": {"top_k": 8},
-                    "reasoning": {"answer_marker": "Answer:"}, "batch_size": 4},
-        "sources": [{"path": "unused.jsonl"}],
-        "students": students,
-        "training": {**TRAINING, **training},
-    })
+    return tiny_train_spec(teacher_dir, students, **{**TRAINING, **training})
 
 
 def _store(path, examples):

@@ -8,11 +8,12 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_train_spec as _spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.errors import TrainError
 from engine.models import chat_prompt_ids, load_causal_lm, load_tokenizer
-from engine.spec import SpecError, parse_spec
+from engine.spec import SpecError
 from engine.train import vocab as V
 from engine.train.data import collate, encode, response_logits, student_texts
 from engine.train.losses import student_log_probs, teacher_log_probs
@@ -175,18 +176,6 @@ def test_inputs_and_targets_the_student_lacks_are_an_error():
 
 
 # --- the model ----------------------------------------------------------------------------------------
-
-
-def _spec(teacher_dir, students, **training):
-    return parse_spec({
-        "name": "tiny",
-        "teacher": {"model": str(teacher_dir), "generation": {"max_new_tokens": 8}, "logprobs": {"top_k": 8},
-                    "reasoning": {"answer_marker": "Answer:"}, "batch_size": 4},
-        "sources": [{"path": "unused.jsonl"}],
-        "students": students,
-        "training": training,
-        "eval": {"speed_prompts": 2, "speed_tokens": 4},
-    })
 
 
 def test_a_trimmed_copy_computes_the_teachers_logits_at_the_kept_ids(tiny_llm_dir, tiny_examples):

@@ -333,13 +333,17 @@ def tag(ref: str = typer.Argument(..., help="NAME@V to name"), name: str = typer
 @app.command()
 def gc(dry_run: bool = typer.Option(False, "--dry-run", help="list what would be removed, remove nothing"),
        grace: float = typer.Option(3600, "--grace", help="seconds an unlocked staging entry of another tool is spared"),
+       checkpoints: bool = typer.Option(False, "--checkpoints",
+                                        help="also remove interrupted training runs' checkpoints (no resuming them)"),
        store: Optional[Path] = StoreOption):
-    """Remove staging leftovers and data files no version references."""
+    """Remove staging leftovers, data files no version references and finished runs' checkpoints."""
     st = open_store(store)
-    report = st.gc(dry_run=dry_run, grace_s=grace)
+    report = st.gc(dry_run=dry_run, grace_s=grace, checkpoints=checkpoints)
     verb = "would remove" if dry_run else "removed"
     for item in report.items:
         out.print(f"{verb} {item.path.relative_to(st.root)}  ({item.why}, {_size(item.bytes)})", highlight=False)
+    for item in report.kept:
+        out.print(f"kept {item.path.relative_to(st.root)}  ({item.why}, {_size(item.bytes)})", highlight=False)
     out.print(f"{verb} {len(report.items)} item(s), {_size(report.bytes)}" if report.items else "nothing to remove")
 
 

@@ -6,10 +6,11 @@
 The folder is named by the run id (dataset version + training hash), and the checkpoint carries the
 full key besides: a spec that changes what is learned names another run, so it never resumes a stale
 checkpoint. It lives beside the runs rather than under staging/ because staging/ is swept by gc once its
-writer is gone, and a checkpoint must outlive its writer, that is its whole point; gc does not touch
-models/. The checkpoint goes when its run succeeds (or when `syllabus train` finds the run already
-trained). A write goes to a temporary name, is fsynced, and is renamed over the previous one, so a kill
-mid-write leaves the previous checkpoint whole.
+writer is gone, and a checkpoint must outlive its writer, that is its whole point. The checkpoint goes
+when its run succeeds (or when `syllabus train` finds the run already trained); `syllabus gc` removes a
+finished run's that a kill left behind, and an interrupted run's only when asked (--checkpoints). A
+write goes to a temporary name, is fsynced, and is renamed over the previous one, so a kill mid-write
+leaves the previous checkpoint whole.
 
 What goes in (engine/train/loop.py builds it): every student's weights, optimizer and lr-scheduler
 state, its recorded curves and val/best state, its hidden-state projections; the step, the current
