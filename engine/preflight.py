@@ -4,6 +4,8 @@
   `validate`, `plan`, `run` and `train` stop with one line naming teacher.model and the folder tried.
 - Each student's size, from configs alone (engine/train/students.py student_shape): `validate` and
   `plan` print it, and a shape the teacher cannot give fails there, naming the field.
+- Ensemble members: the same check of `models:` names, the templates a member sets itself, and what
+  each member gives (`validate` prints it: logit targets, or answers only and why).
 """
 
 from __future__ import annotations
@@ -29,6 +31,71 @@ def check_teacher(spec) -> None:
             locate(name)
     except ModelError as e:
         raise SpecError(f"{_where(spec)}: teacher.{field}: {e}") from None
+    if spec.teacher.backend == "transformers":  # a CUDA device this machine lacks: before any stage runs
+        from engine.train.device import resolve_device
+
+        resolve_device(spec.teacher.device, _where(spec), "teacher.device")
+    if getattr(spec, "ensemble", None) is not None:
+        check_members(spec)
+
+
+def check_members(spec) -> None:
+    """Each ensemble member as check_teacher checks the teacher, and the templates it sets itself (those it
+    leaves unset are the teacher's, checked with the spec's): one line per problem, naming the field."""
+    from engine.errors import TemplateProblem
+    from engine.models import locate, store_model
+    from engine.templates import ROW_VARIABLES, template_name, template_problems
+
+    problems = []
+    for i, member in enumerate(spec.ensemble.members):
+        where = f"ensemble.members[{i}]"
+        try:
+            if store_model(member.local_model) is not None:
+                locate(member.local_model)
+        except ModelError as e:
+            field = "model" if member.backend == "transformers" else "tokenizer"
+            raise SpecError(f"{_where(spec)}: {where}.{field}: {e}") from None
+        given = member.model_fields_set
+        fields = [(f"{where}.{f}", getattr(member, f)) for f in ("prompt", "system")
+                  if f in given and getattr(member, f)]
+        if "messages" in given:
+            fields += [(f"{where}.messages[{j}].content", turn.content) for j, turn in enumerate(member.messages)]
+        for field, text in fields:
+            try:
+                problems += template_problems(str(text), template_name(spec, field, text), ROW_VARIABLES)
+            except TemplateProblem as e:  # a syntax error: nothing more to find in it
+                problems += e.lines
+    if problems:
+        raise TemplateProblem("\n".join(problems))
+    _check_ordered_teaching(spec)
+
+
+# Measures over the teacher's top-k and token log-probs: the ensemble's mixture changes them.
+TOKEN_MEASURES = ("mean_token_prob", "min_token_prob", "answer_prob", "margin", "entropy")
+
+
+def _check_ordered_teaching(spec) -> None:
+    """teach.order: selection counts answers in band as the teacher gives them: a member whose top-k join
+    the targets afterwards would move the measure it counted by (known only from the tokenizers)."""
+    from engine.stages.base import teach_order
+    from engine.stages.ensemble import member_roles
+
+    if teach_order(spec) != "selection" or spec.mining.confidence not in TOKEN_MEASURES:
+        return
+    mixed = [role for role in member_roles(spec) if role.logits]
+    if mixed:
+        raise SpecError(f"{_where(spec)}: teach.order: selection counts the teacher's in-band answers as it gives "
+                        f"them, but {mixed[0].name} has the teacher's tokenizer: its top-k join the targets "
+                        f"afterwards and move mining.confidence {spec.mining.confidence}: use teach.order: all")
+
+
+def ensemble_notes(spec) -> list[str]:
+    """What each ensemble member gives, one line each (`validate` prints them); none without an ensemble."""
+    if getattr(spec, "ensemble", None) is None:
+        return []
+    from engine.stages.ensemble import member_roles
+
+    return [role.note() for role in member_roles(spec)]
 
 
 @dataclass

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -195,7 +196,13 @@ class Teacher(Strict):
     generation: Generation = Generation()
     logprobs: Logprobs = Logprobs()
     reasoning: Reasoning | None = None
+    # Responses per prompt (sampled with generation.seed + i): sample 0 is the row's response, which is
+    # distilled; every sample's answer is stored (sample_answers) for conf_self_consistency.
+    samples: int = Field(1, ge=1, le=64)
     batch_size: int = Field(8, ge=1, le=256)
+    # backend transformers: where the model runs; auto: cuda if torch sees one, else cpu. CUDA with bf16 loads
+    # the weights in bf16 (log-probs still in float32). Not in the fingerprint: rows agree within float tolerance.
+    device: str = "cpu"
     # backend: openai (an OpenAI-compatible chat-completions server: OpenAI, vLLM, llama.cpp)
     base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the variable's name, never the key
@@ -205,6 +212,20 @@ class Teacher(Strict):
     retries: Retries = Retries()
     # Fields added to each request as they are: a server's own options (llama.cpp: {repeat_penalty: 1.0}).
     extra_body: Annotated[dict[str, Any], AfterValidator(_finite)] = Field(default_factory=dict)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        return _device(value)  # training.device's rule (defined below): whether CUDA is there is checked at load
+
+    @field_validator("samples")
+    @classmethod
+    def _samples_need_sampling(cls, samples: int, info: ValidationInfo) -> int:
+        generation = info.data.get("generation")
+        if samples > 1 and generation is not None and generation.temperature <= 0:
+            raise ValueError(f"{samples} samples need teacher.generation.temperature > 0: greedy decoding gives "
+                             "the same answer every time")
+        return samples
 
     @field_validator("system", "messages")
     @classmethod
@@ -247,6 +268,8 @@ class Teacher(Strict):
             if missing:
                 raise ValueError(f"backend openai needs {' and '.join(missing)} (tokenizer: a bundled alias, "
                                  "a local HF folder or a .gguf file with the served model's vocabulary)")
+            if "device" in self.model_fields_set:
+                raise ValueError("device: only for backend: transformers (an openai teacher runs where its server does)")
         else:
             stray = [f for f in OPENAI_FIELDS if f in self.model_fields_set]
             if stray:
@@ -257,6 +280,41 @@ class Teacher(Strict):
     def local_model(self) -> str:
         """The model whose tokenizer (and, with backend transformers, weights) this machine holds."""
         return self.tokenizer if self.backend == "openai" else self.model
+
+
+# --- ensembles ---------------------------------------------------------------
+
+# What a member is asked and how it answers: each of these it leaves unset is the teacher's
+# (system and messages only where the member reads a chat, as with a student's).
+MEMBER_INHERITS = ("prompt", "chat", "generation", "reasoning", "system", "messages")
+
+
+class Member(Teacher):
+    """One more teacher of an ensemble: a teacher block plus its weight in the averaged top-k."""
+    weight: float = Field(1.0, gt=0.0)
+
+    def resolved(self, teacher: Teacher) -> "Member":
+        """This member with what it leaves unset taken from the (primary) teacher."""
+        given = self.model_fields_set
+        update = {f: getattr(teacher, f) for f in MEMBER_INHERITS[:4] if f not in given}
+        chat = update.get("chat", self.chat)
+        if "system" not in given:
+            update["system"] = teacher.system if chat else None
+        if "messages" not in given:
+            update["messages"] = teacher.messages if chat else []
+        return self.model_copy(update=update)
+
+
+class Ensemble(Strict):
+    """Several teachers (engine/stages/ensemble.py). `teacher:` stays the primary: its answer is the row's
+    response. Every member answers too (their answers: teacher_agreement); a member with the teacher's
+    tokenizer and its weights here also scores the teacher's response, and the stored top-k become the
+    weighted average of the teachers' distributions."""
+    weight: float = Field(1.0, gt=0.0)  # the primary teacher's weight in that average
+    members: list[Member] = Field(min_length=1)
+
+    def resolved(self, teacher: Teacher) -> list[Member]:
+        return [member.resolved(teacher) for member in self.members]
 
 
 # --- sources -----------------------------------------------------------------
@@ -304,6 +362,34 @@ def _is_folder(path: Path) -> bool:
         return False
 
 
+def answer_key(text: str) -> str:
+    """An answer as answers are compared (engine.teachers.answers.normalise_text; a test holds them equal):
+    NFKC, lower-cased, punctuation dropped. Not imported from there: a stage's cache key covers the code
+    it imports, and every stage imports the spec."""
+    return " ".join(re.sub(r"[^\w\s]", " ", unicodedata.normalize("NFKC", text).lower()).split())
+
+
+def _option_set(options: list[str]) -> list[str]:
+    """A fixed answer set: at least 2 options, each a different answer as answers are compared."""
+    if len(options) < 2:
+        raise ValueError(f"give at least 2 options (got {len(options)}): the teacher's distribution is over them")
+    seen: dict[str, str] = {}
+    for option in options:
+        key = answer_key(option)
+        if not key:
+            raise ValueError(f"option {_short(option)} has no letter or digit: answers are compared without "
+                             "punctuation, so it would match no answer")
+        if key in seen:
+            raise ValueError(f"options {_short(seen[key])} and {_short(option)} are the same answer (answers are "
+                             "compared lower-cased, without punctuation)")
+        seen[key] = option
+    return options
+
+
+# The answer set of a source's or a category's rows: the options stage scores each with the teacher.
+OptionSet = Annotated[list[str], AfterValidator(_option_set)]
+
+
 class Source(Strict):
     """Where prompts come from: exactly one of a file, a datasets folder, an inline list, or a store version."""
 
@@ -321,6 +407,7 @@ class Source(Strict):
     max_bad_rows: int = Field(0, ge=0)  # malformed rows tolerated (they go to rejections) before the run stops
     max_chars: int = Field(8000, ge=1)  # longer prompts are malformed rows
     limit: int | None = Field(None, ge=1)  # read only the first N good rows (a sample)
+    options: OptionSet | None = None  # its rows' fixed answer set (a category's options override it)
 
     @field_validator("path")
     @classmethod
@@ -383,6 +470,7 @@ class Category(Strict):
     max: int | None = Field(None, ge=1)
     describe: str = ""  # what belongs here: used by `assign: embedding`
     keywords: list[str] = []  # used by `assign: keywords`
+    options: OptionSet | None = None  # its rows' fixed answer set, over their sources' options
 
     @model_validator(mode="after")
     def _bounds(self) -> "Category":
@@ -452,10 +540,16 @@ class Diversity(Strict):
 # --- mining and splits -------------------------------------------------------
 
 CONFIDENCE_MEASURES = ("mean_token_prob", "min_token_prob", "answer_prob", "margin", "entropy")
+# Over the teacher's option distribution (rows with `options:`, engine/stages/options.py): the probability
+# of the option its answer names, top-1 minus top-2 probability, and the entropy in nats.
+OPTION_MEASURES = ("option_answer_prob", "option_margin", "option_entropy")
 
 
 class Mining(Strict):
-    confidence: Literal["mean_token_prob", "min_token_prob", "answer_prob", "margin", "entropy"] = "mean_token_prob"
+    # self_consistency: the share of the teacher.samples answers agreeing with the most common one (samples > 1).
+    confidence: Literal["mean_token_prob", "min_token_prob", "answer_prob", "margin", "entropy",
+                        "self_consistency", "teacher_agreement",
+                        "option_answer_prob", "option_margin", "option_entropy"] = "mean_token_prob"
     band: tuple[float, float] = (0.0, 1.0)
     outside_band_keep: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = 0
@@ -612,6 +706,9 @@ class Loss(Strict):
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = Field(0.5, ge=0.0, le=1.0)
     tail: Literal["bucket", "renormalise"] = "bucket"
+    # options: a row with option_probs is distilled through its options (the teacher's option distribution
+    # against the student's, engine/train/options.py) instead of its tokens' top-k; other rows keep tokens.
+    kd_target: Literal["tokens", "options"] = "tokens"
     kd_weight: float = Field(0.7, ge=0.0)
     hard_weight: float = Field(0.3, ge=0.0)
     temperature: float = Field(2.0, gt=0.0)
@@ -620,6 +717,17 @@ class Loss(Strict):
     temperature_end: float | None = Field(None, gt=0.0)
     hard_warmup_steps: int = Field(0, ge=0)
     hidden: HiddenLoss | None = None  # hidden-state term beside KD and hard CE (local teacher only)
+    # Per response token, on both KD and hard CE: tokens before the end of teacher.reasoning's answer marker
+    # weigh reasoning_weight, the answer tokens (eos included) answer_weight; without a marker all are answer.
+    reasoning_weight: float = Field(1.0, ge=0.0)
+    answer_weight: float = Field(1.0, ge=0.0)
+
+    @field_validator("answer_weight")
+    @classmethod
+    def _some_token_weight(cls, answer_weight: float, info: ValidationInfo) -> float:
+        if answer_weight == 0 and info.data.get("reasoning_weight") == 0:
+            raise ValueError("reasoning_weight and answer_weight are both 0: no response token would be learned")
+        return answer_weight
 
     @model_validator(mode="after")
     def _some_weight(self) -> "Loss":
@@ -704,6 +812,7 @@ class Eval(Strict):
 class Spec(Strict):
     name: Annotated[str, _name(DATASET_NAME, "a letter or digit, then letters, digits, '_' or '-'")]
     teacher: Teacher
+    ensemble: Ensemble | None = None  # more teachers beside `teacher:` (engine/stages/ensemble.py)
     sources: list[Source] = Field(min_length=1)
     coverage: Coverage | None = None
     augment: list[Augment] = []
@@ -757,6 +866,69 @@ class Spec(Strict):
             raise ValueError(f"training.loss.hidden: hidden-state distillation needs the teacher's weights "
                              f"(teacher.backend: transformers); the {self.teacher.backend} backend gives only "
                              "tokens and log-probs")
+        return self
+
+    @model_validator(mode="after")
+    def _ensemble(self) -> "Spec":
+        if self.mining.confidence == "teacher_agreement":
+            if self.ensemble is None:
+                raise ValueError("mining.confidence: teacher_agreement is the share of several teachers giving the "
+                                 "teacher's answer: it needs ensemble.members")
+            if self.teach.order == "selection":
+                raise ValueError("mining.confidence: teacher_agreement is known only once every ensemble member has "
+                                 "answered, but teach.order: selection decides while the teacher answers: use "
+                                 "teach.order: all, or another measure")
+        for i, member in enumerate(self.ensemble.resolved(self.teacher) if self.ensemble else ()):
+            if getattr(member, "samples", 1) > 1:
+                raise ValueError(f"ensemble.members[{i}].samples: a member gives one answer per prompt (its "
+                                 "agreement with the teacher's); samples are teacher.samples")
+            given = [f for f in ("system", "messages") if f in self.ensemble.members[i].model_fields_set
+                     and getattr(member, f)]
+            if given and not member.chat:  # chat: false taken from the teacher
+                raise ValueError(f"ensemble.members[{i}].{given[0]}: the member reads plain text (teacher.chat: "
+                                 f"false, its own chat unset): {PLAIN_TEXT}")
+        return self
+
+    @model_validator(mode="after")
+    def _samples_for_self_consistency(self) -> "Spec":
+        if self.mining.confidence != "self_consistency":
+            return self
+        if self.teacher.samples < 2:
+            raise ValueError("mining.confidence: self_consistency compares several answers per prompt: set "
+                             "teacher.samples to 2 or more (with teacher.generation.temperature > 0)")
+        if self.teach.order == "selection":
+            raise ValueError("mining.confidence: self_consistency cannot go with teach.order: selection, which "
+                             "decides from each row's first answer alone: use teach.order: all")
+        return self
+
+    @model_validator(mode="after")
+    def _reasoning_weight_needs_marker(self) -> "Spec":
+        if self.training.loss.reasoning_weight != 1.0 and self.teacher.reasoning is None:
+            raise ValueError("training.loss.reasoning_weight: without teacher.reasoning (an answer marker) every "
+                             "response token is an answer token: set teacher.reasoning or drop reasoning_weight")
+        return self
+
+    @model_validator(mode="after")
+    def _options_used(self) -> "Spec":
+        categories = self.coverage.categories.values() if self.coverage else ()
+        some = any(s.options for s in self.sources) or any(c.options for c in categories)
+        measure = self.mining.confidence
+        if measure in OPTION_MEASURES and not some:
+            raise ValueError(f"mining.confidence: {measure} is a measure over the teacher's distribution on a fixed "
+                             "answer set: it needs options on a source or a coverage category")
+        if measure in OPTION_MEASURES and self.teach.order == "selection":
+            raise ValueError(f"mining.confidence: {measure} is scored after the teacher has answered, but "
+                             "teach.order: selection decides while it answers: use teach.order: all, or another measure")
+        if self.training.loss.kd_target == "options" and not some:
+            raise ValueError("training.loss.kd_target: options distils the teacher's distribution on a fixed answer "
+                             "set: it needs options on a source or a coverage category")
+        named: dict[str, int] = {}  # a row knows its source by name (Source.origin): one name, one answer set
+        for i, src in enumerate(self.sources):
+            j = named.setdefault(src.origin, i)
+            if self.sources[j].options != src.options:
+                raise ValueError(f"sources[{i}].options: sources[{j}] and sources[{i}] both name their rows "
+                                 f"{src.origin!r} but their options differ: give them the same options, or set "
+                                 "options on their coverage categories")
         return self
 
     @field_validator("students")

@@ -77,6 +77,8 @@ AUGMENT_VARIABLES = ROW_VARIABLES + ("round",)
 EXAMPLE_VARIABLES = ROW_VARIABLES + (
     "cluster", "split", "teacher_prompt", "response", "reasoning", "answer", "finish_reason",
     "conf_mean_token_prob", "conf_min_token_prob", "conf_answer_prob", "conf_margin", "conf_entropy",
+    "options", "option_probs", "conf_option_answer_prob", "conf_option_margin", "conf_option_entropy",
+    "sample_responses", "sample_answers", "conf_self_consistency", "ensemble_answers", "conf_teacher_agreement",
 )
 
 # A template is one file: the stage cache keys on that file's content, so another file it pulled in

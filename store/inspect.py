@@ -12,7 +12,7 @@ import polars as pl
 from .catalog import VersionInfo
 from .sql import quote
 
-PROBABILITY = ("mean_token_prob", "min_token_prob", "answer_prob", "margin")  # measures in [0, 1]
+PROBABILITY = ("mean_token_prob", "min_token_prob", "answer_prob", "margin", "self_consistency")  # in [0, 1]
 
 
 @dataclass

@@ -75,6 +75,7 @@ def make_examples(model_dir, *, prompts=TINY_PROMPTS, top_k: int = 8, max_new_to
         top = logprobs[i, : len(tokens)].topk(top_k, -1)
         response = tokenizer.decode(tokens, skip_special_tokens=True)
         answer = split_answer(response, "Answer:")[1]
+        answer = response.strip() if answer is None else answer  # no marker: the whole reply, as it always was
         rows.append({
             "prompt_id": f"p{i:02d}",
             "split": "train" if i < 10 else "val" if i < 12 else "test",
@@ -97,12 +98,26 @@ def make_examples(model_dir, *, prompts=TINY_PROMPTS, top_k: int = 8, max_new_to
     return pl.DataFrame(rows, schema=schema)
 
 
+def edit_spec(project, **changes) -> None:
+    """Set dotted fields of <project>/spec.yaml: edit_spec(p, **{"teacher.samples": 3})."""
+    import yaml
+
+    spec = yaml.safe_load((project / "spec.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = spec
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
+
+
 def tiny_train_spec(teacher_dir, students: list[dict], backend: str = "transformers", **training):
     """A spec over the tiny teacher for training tests: its students and training fields as given."""
     from engine.spec import parse_spec
 
     teacher = {"model": str(teacher_dir), "backend": backend, "generation": {"max_new_tokens": 8},
-               "logprobs": {"top_k": 8}, "reasoning": {"answer_marker": "Answer:"}, "batch_size": 4}
+               "logprobs": {"top_k": 8}, "batch_size": 4}
     if backend == "openai":
         teacher.update(base_url="http://127.0.0.1:9/v1", tokenizer=str(teacher_dir))
     return parse_spec({"name": "tiny", "teacher": teacher, "sources": [{"path": "unused.jsonl"}],
@@ -187,6 +202,26 @@ def llama_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """cli("validate", "spec.yaml") -> (exit code, stdout, stderr), as the console script runs it."""
+    import sys
+
+    from engine.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["syllabus", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
 
 
 @pytest.fixture

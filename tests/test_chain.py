@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 
 import pytest
 import torch
@@ -42,24 +41,6 @@ def first_spec(teacher: str, students: list[dict]) -> dict:
 def chained_spec(teacher: str) -> dict:
     return {**first_spec(teacher, [{"name": "again", "from_teacher": {"layers": [1]}}]), "name": "chain",
             "splits": {"train": 0.5, "val": 0.25, "test": 0.25}}
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """cli("validate", "spec.yaml") -> (exit code, stdout, stderr), as the console script runs it."""
-    from engine.cli import main
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["syllabus", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = 0 if e.code is None else e.code
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 @pytest.fixture

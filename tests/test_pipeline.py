@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from conftest import edit_spec
 
 import store
 from engine.curate import pipeline
@@ -32,17 +33,6 @@ def project(tmp_path, tiny_llm_dir):
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     return tmp_path
-
-
-def edit_spec(project: Path, **changes) -> None:
-    spec = yaml.safe_load((project / "spec.yaml").read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = spec
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
 
 
 def run(project: Path):

@@ -91,7 +91,8 @@ def test_confidence_measures():
 
 def test_answers_split_and_normalise():
     assert split_answer("Let me think. Answer: Paris.", "Answer:") == ("Let me think.", "Paris.")
-    assert split_answer("Paris", "Answer:") == ("", "Paris")
+    assert split_answer("Paris", "Answer:") == ("Paris", None)  # the marker is missing: no answer, never a guess
+    assert split_answer("Paris", None) == ("", "Paris")  # no marker asked for: the whole response
     labels = {"positive", "negative"}
     assert normalise_answer("The sentiment of this review is Positive.", labels) == "positive"
     assert normalise_answer("positive or negative", labels) == "positive or negative"

@@ -5,6 +5,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from conftest import edit_spec as edit
 
 import store
 from engine.curate import pipeline
@@ -33,17 +34,6 @@ def project(tmp_path, tiny_llm_dir, monkeypatch):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def edit(project: Path, **changes) -> None:
-    spec = yaml.safe_load((project / "spec.yaml").read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = spec
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
 
 
 def run(project: Path, store_name: str):

@@ -408,7 +408,8 @@ def _scored_by_hand(spec, examples, folder) -> tuple[float, float]:
     model, tokenizer = load_causal_lm(str(folder))
     prompts = [chat_prompt_ids(tokenizer, t) for t in rows["teacher_prompt"]]
     replies = generate_texts(model, tokenizer, prompts, spec.teacher.generation.max_new_tokens, spec.teacher.batch_size)
-    answers = [normalise_answer(split_answer(r, "Answer:")[1], labels) for r in replies]
+    marker = spec.teacher.reasoning.answer_marker if spec.teacher.reasoning else None
+    answers = [normalise_answer(split_answer(r, marker)[1], labels) for r in replies]
     gold = [normalise_answer(g, labels) for g in rows["label"]]
     teacher = [normalise_answer(a, labels) for a in rows["answer"]]
     right = sum(a == g for a, g in zip(answers, gold))

@@ -62,3 +62,13 @@ def print_gold(console: Console, gold, *, warning_only: bool = False) -> None:
             console.print(escape(line), highlight=False, soft_wrap=True)
     if gold.get("warning"):
         console.print(f"[yellow]warning:[/] {escape(gold['warning'])}", highlight=False, soft_wrap=True)
+
+
+def print_answer_format(console: Console, teach_stats) -> None:
+    """How many taught responses lacked the answer marker (teach stage stats): kept with answer null."""
+    if not isinstance(teach_stats, dict) or not teach_stats.get("answer_format_broken"):
+        return
+    broken, rows = teach_stats["answer_format_broken"], teach_stats.get("rows")
+    of = f" of {rows}" if rows else ""
+    console.print(f"[yellow]answer format:[/] {broken}{of} responses lack the answer marker (teacher.reasoning): "
+                  "kept with answer null, which matches no label", highlight=False, soft_wrap=True)

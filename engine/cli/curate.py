@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from engine.cli.common import StoreOption, app, err, open_store, out, print_cut_off, print_gold, store_path
+from engine.cli.common import (StoreOption, app, err, open_store, out, print_answer_format, print_cut_off, print_gold,
+                               store_path)
 
 
 def _spec(path: Path):
@@ -41,7 +42,7 @@ def validate(spec: Path = typer.Argument(..., help="spec file (YAML)"),
                                                   "$SYLLABUS_STORE or .syllabus); never written")):
     """Check a spec: fields, files and templates, a trained-student teacher, each student's size.
     Every problem is one line naming the file and the field."""
-    from engine.preflight import check_teacher, student_shapes
+    from engine.preflight import check_teacher, ensemble_notes, student_shapes
     from engine.templates import check_spec_templates
 
     s = _spec(spec)
@@ -50,8 +51,9 @@ def validate(spec: Path = typer.Argument(..., help="spec file (YAML)"),
     store_path(store)  # only where `models:` names point: validate creates no store
     check_teacher(s)
     shapes = student_shapes(s)
-    for line in taken:  # which fields were read as files and which as inline text
-        out.print(f"{spec}: {line}", highlight=False)
+    notes = ensemble_notes(s)  # what each ensemble member gives: logit targets or answers only
+    for line in [*taken, *notes]:  # which fields were read as files and which as inline text
+        out.print(f"{spec}: {escape(line)}", highlight=False, soft_wrap=True)
     _print_shapes(shapes)
     out.print(f"{spec}: ok — dataset {s.name!r}, {len(s.sources)} source(s), {len(s.students)} student(s)")
 
@@ -76,6 +78,7 @@ def run(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Option
     if not quiet:
         err.print(pipeline.summary_table(result))
         print_cut_off(err, result.cut_off)
+        print_answer_format(err, result.stage_stats.get("teach"))
     print_gold(err, result.gold, warning_only=quiet)  # the warning even when quiet: a broken prompt must show
     if result.created:
         out.print(f"committed {s.name}@{result.version}: {result.rows} examples, {result.teacher_calls} teacher calls")
@@ -89,7 +92,7 @@ def plan(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optio
     """What `run` would do: cached stages, teacher calls still to pay and their estimated time."""
     from rich.table import Table
 
-    from engine.curate.plan import make_plan
+    from engine.curate.plan import make_plan, member_lines
     from engine.preflight import check_teacher, student_shapes
 
     s = _spec(spec)
@@ -109,7 +112,9 @@ def plan(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optio
     elif p.teacher_rows is None:
         out.print(f"teacher calls to pay: {bound}0 (every answer of the teach stage is cached)")
     else:
-        out.print(f"teacher calls to pay: {bound}{p.teacher_calls} of {p.teacher_rows} prompts "
+        what = (f"requests ({p.teacher_rows // p.samples} prompts x {p.samples} samples)" if p.samples > 1
+                else "prompts")
+        out.print(f"teacher calls to pay: {bound}{p.teacher_calls} of {p.teacher_rows} {what} "
                   f"(about {p.seconds / 60:.1f} min; {p.speed_source})")
     if p.best_calls is not None and p.teacher_calls and p.best_calls < p.teacher_calls:
         saved = p.teacher_calls - p.best_calls
@@ -123,6 +128,8 @@ def plan(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optio
     if p.top_up:
         out.print("plus the calls of top-up rounds for categories short of their quota "
                   "(coverage.augment_until_quota), known only once selection has run")
+    for line in member_lines(p):  # ensemble members: their own answers and scorings
+        out.print(line, highlight=False, soft_wrap=True)
     _print_shapes(shapes)
 
 

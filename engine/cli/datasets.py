@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from engine.cli.common import StoreOption, app, err, open_store, out, print_cut_off, print_gold
+from engine.cli.common import StoreOption, app, err, open_store, out, print_answer_format, print_cut_off, print_gold
 from engine.scoring import GOLD
 
 
@@ -64,6 +64,7 @@ def show(ref: str = typer.Argument(..., help="NAME@V, NAME@latest or NAME@TAG"),
     if s.cut_off is not None:
         out.print()
         print_cut_off(out, s.cut_off)
+    print_answer_format(out, info.stats.get("teach") if isinstance(info.stats, dict) else None)
     gold = info.stats.get(GOLD) if isinstance(info.stats, dict) else None
     if gold:
         out.print()

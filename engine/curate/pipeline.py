@@ -37,8 +37,10 @@ from store.inspect import cut_off_shares, reason_kind
 
 EXAMPLE_COLUMNS = [
     "prompt_id", "parent_id", "source", "category", "template_id", "origin", "cluster", "split", "prompt", "label",
-    "teacher_prompt", "response", "reasoning", "answer", "finish_reason",
+    "teacher_prompt", "response", "reasoning", "answer", "finish_reason", "sample_responses", "sample_answers",
     "conf_mean_token_prob", "conf_min_token_prob", "conf_answer_prob", "conf_margin", "conf_entropy",
+    "conf_self_consistency", "conf_teacher_agreement", "ensemble_answers",
+    "options", "option_probs", "conf_option_answer_prob", "conf_option_margin", "conf_option_entropy",
     "token_ids", "token_logprobs", "topk_ids", "topk_logprobs",
 ]
 
@@ -140,6 +142,10 @@ def run(spec, st: store_api.Store, *, progress: bool = True, console: Console | 
     chain = store_model_lineage(st, spec.teacher.model) if spec.teacher.backend == "transformers" else None
     if chain:  # the teacher is a trained student: which run, which data, and its own teacher
         lineage["teacher_chain"] = chain
+    if getattr(spec, "ensemble", None) is not None:  # the other teachers, their weights beside the teacher's
+        lineage["ensemble"] = {"weight": spec.ensemble.weight,
+                               "members": [{"teacher": teacher_fingerprint(m), "weight": m.weight}
+                                           for m in spec.ensemble.members]}
     tables = {"examples": examples.to_arrow(), "rejections": rejected.to_arrow()}
     for attempt in range(COMMIT_ATTEMPTS):
         try:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import polars as pl
 
-from engine.stages.base import RunContext, Stage, dump, prompt_id, rejections
+from engine.stages.base import RunContext, Stage, dump, prompt_id, rejections, teacher_key
 from engine.stages.sources import ROW_SCHEMA
 from engine.stages.teach import ask_teacher
 from engine.errors import RenderLimit
@@ -206,7 +206,7 @@ class Augment(Stage):
         from engine.teachers import teacher_fingerprint
 
         by_teacher = any(a.teacher for a in spec.augment)
-        teacher = [dump(spec.teacher), teacher_fingerprint(spec.teacher)] if by_teacher else None
+        teacher = [teacher_key(spec.teacher), teacher_fingerprint(spec.teacher)] if by_teacher else None
         return [[dump(a) for a in spec.augment], teacher]  # a template's text is part of its entry
 
     def cheap(self, spec, frame) -> bool:

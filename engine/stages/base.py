@@ -98,6 +98,12 @@ def dump(model) -> object:
     return None if model is None else model.model_dump(mode="json", by_alias=True)
 
 
+def teacher_key(teacher) -> object:
+    """The teacher's section as stage caches key on it: without `device`, which changes where the teacher
+    runs, not what it answers (the rows agree within float tolerance)."""
+    return teacher.model_dump(mode="json", by_alias=True, exclude={"device"})
+
+
 def file_digests(spec, paths) -> dict:
     """The content of files a spec section names: editing a template re-runs its stage."""
     from engine.models import file_digest

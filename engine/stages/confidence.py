@@ -8,6 +8,13 @@ re-runs the teacher. All measures come from the stored T=1 log-probs:
   whole response without one; eos excluded)
 - margin: mean gap between the top-1 and top-2 token probabilities
 - entropy: mean per-token entropy over the top-k plus one tail bucket (a lower bound)
+
+and, with teacher.samples > 1 (the rows carry sample_answers), one measure over the samples:
+
+- self_consistency: share of the N sample answers equal to the most common one, normalised as eval
+  compares answers (mapped onto the source's labels when the row has a label); a missing answer
+  (no answer marker) agrees with nothing. Without samples the column is absent, not null, so a
+  dataset made without samples is what it was.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import polars as pl
 from engine.models import load_tokenizer
 from engine.spec import CONFIDENCE_MEASURES
 from engine.stages.base import RunContext, Stage, dump, no_rejections
+from engine.teachers.answers import self_consistency
 
 
 def answer_start(tokenizer, ids: list[int], marker: str | None) -> int:
@@ -55,6 +63,23 @@ def row_measures(token_lp: np.ndarray, top_lp: np.ndarray, answer_from: int, eos
     }
 
 
+def sample_agreement(frame: pl.DataFrame) -> pl.Series:
+    """conf_self_consistency per row: agreement among its sample_answers, over its source's labels
+    (every label its source's rows carry) when the row has a label."""
+    def column(name: str) -> list:
+        return frame[name].to_list() if name in frame.columns else [None] * frame.height
+
+    sources, gold = column("source"), column("label")
+    labels: dict = {}
+    for source, label in zip(sources, gold):
+        if label is not None:
+            labels.setdefault(source, set()).add(label)
+    return pl.Series("conf_self_consistency",
+                     [self_consistency(answers or [], labels[source] if label is not None else set())
+                      for answers, label, source in zip(frame["sample_answers"].to_list(), gold, sources)],
+                     dtype=pl.Float64)
+
+
 class Confidence(Stage):
     name = "confidence"
     order = 70
@@ -78,5 +103,7 @@ class Confidence(Stage):
             measures.append(row_measures(lps.to_numpy(), top_lp, answer_start(tokenizer, ids, marker),
                                          eos_last=bool(ids) and ids[-1] == eos))
         scores = pl.DataFrame(measures, schema={f"conf_{m}": pl.Float64 for m in CONFIDENCE_MEASURES})
+        if "sample_answers" in frame.columns:
+            scores = scores.with_columns(conf_self_consistency=sample_agreement(frame))
         stats = {"rows": frame.height}
         return pl.concat([frame, scores], how="horizontal"), no_rejections(), stats

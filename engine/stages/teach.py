@@ -2,10 +2,18 @@
 
 Answers are cached per row by content, so a re-run or a resumed run never pays twice,
 and the teacher is not even loaded when every answer is cached.
+
+With teacher.reasoning, each response is split at the answer marker into `reasoning` and `answer`;
+a response without the marker keeps `answer` null (counted as answer_format_broken in the stats).
+With teacher.samples N > 1, sample i of a prompt is asked with generation.seed + i (its own cache
+entry): sample 0 is the row's response, the one distilled, and `sample_responses` / `sample_answers`
+hold all N.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 
 import numpy as np
@@ -15,7 +23,7 @@ import pyarrow as pa
 from engine.errors import RenderLimit
 from engine.progress import progress_bar
 from engine.prompts import Conversation, as_conversation, conversations, teacher_side
-from engine.stages.base import RunContext, Stage, dump, rejections, teach_order
+from engine.stages.base import RunContext, Stage, dump, rejections, teach_order, teacher_key
 from engine.teachers import load_teacher, teacher_fingerprint
 from engine.teachers.answers import split_answer
 from engine.teachers.arrow import list_column, nested_list_column
@@ -96,35 +104,72 @@ def ask_teacher(ctx: RunContext, prompts: list[str | Conversation], label: str =
     return [answers[k] for k in keys], len(todo)
 
 
+def sample_context(ctx: RunContext, i: int) -> RunContext:
+    """The run as sample i asks the teacher: generation.seed + i, so each sample has its own cache key
+    (sample 0 is the run itself). Counters and the loaded teacher are shared with `ctx`."""
+    if i == 0:
+        return ctx
+    t = ctx.spec.teacher
+    generation = t.generation.model_copy(update={"seed": t.generation.seed + i})
+    spec = ctx.spec.model_copy(update={"teacher": t.model_copy(update={"generation": generation})})
+    return dataclasses.replace(ctx, spec=spec, teacher=_reseeded(ctx.teacher, spec.teacher))
+
+
+def _reseeded(teacher, spec_teacher):
+    """The loaded teacher reading another seed: both backends read their generation settings from `spec`
+    at each call, so a shallow copy shares the weights (or the server connection) and changes only that."""
+    if teacher is None:
+        return None
+    view = copy.copy(teacher)
+    view.spec = spec_teacher
+    return view
+
+
+def ask_samples(ctx: RunContext, prompts: list, label: str = "teach") -> tuple[list[list], int]:
+    """Samples 1 .. teacher.samples - 1 of each prompt (sample 0 is what ask_teacher gives), each through
+    ask_teacher, so every sample is cached as it comes. Returns (per sample, outputs in prompt order; new calls)."""
+    n = ctx.spec.teacher.samples
+    found, calls = [], 0
+    for i in range(1, n):
+        sub = sample_context(ctx, i)
+        outputs, new = ask_teacher(sub, prompts, f"{label}, sample {i + 1} of {n}")
+        if ctx.teacher is None and sub.teacher is not None:  # loaded for this sample: later ones reuse it
+            ctx.teacher = _reseeded(sub.teacher, ctx.spec.teacher)
+        found.append(outputs)
+        calls += new
+    return found, calls
+
+
 def _generate(todo: list[tuple[str, str | Conversation]], ctx: RunContext, cache: TeacherCache, label: str,
               max_new_tokens: int | None = None) -> dict:
     if ctx.teacher is None:
+        teacher = ctx.spec.teacher
+        if teacher.backend == "transformers":  # a CUDA device this machine lacks: one line, before the load
+            from engine.train.device import resolve_device
+
+            resolve_device(teacher.device, str(getattr(ctx.spec, "path", None) or "<spec>"), "teacher.device")
         began = time.perf_counter()
-        ctx.teacher = load_teacher(ctx.spec.teacher)
+        ctx.teacher = load_teacher(teacher)
         ctx.counters["teacher_load_seconds"] = time.perf_counter() - began
-    answers = {}
-    # Prompts go to the teacher a few batches at a time (it sorts each chunk by length to
-    # limit padding); every answered batch is committed at once.
-    chunk = ctx.spec.teacher.batch_size * 4
+    # Everything to be asked goes to the teacher in one call, so it batches prompts of like length across
+    # all of them (and runs their shared prefix once); each answered batch is committed, timed and shown.
+    last = time.perf_counter()
     with progress_bar(ctx.progress) as bar:
         task = bar.add_task(label, total=len(todo))
-        for start in range(0, len(todo), chunk):
-            part = todo[start : start + chunk]
 
-            def commit(indices, outputs, part=part):
-                cache.put_many({part[i][0]: o for i, o in zip(indices, outputs)})
-                bar.advance(task, len(indices))
-
-            began = time.perf_counter()
-            # One plain chat user turn goes as its text, as every prompt did before conversations existed.
-            sent = [p.prompt if isinstance(p, Conversation) and p.plain else p for _, p in part]
-            outs = ctx.teacher.generate(sent, on_batch=commit, max_new_tokens=max_new_tokens)
-            fresh = {k: o for (k, _), o in zip(part, outs)}
-            seconds = time.perf_counter() - began
-            cache.record_speed(ctx.teacher.fingerprint, len(part), sum(len(o.token_ids) for o in outs), seconds)
+        def commit(indices, outputs):
+            nonlocal last
+            cache.put_many({todo[i][0]: o for i, o in zip(indices, outputs)})
+            now = time.perf_counter()
+            seconds, last = now - last, now
+            cache.record_speed(ctx.teacher.fingerprint, len(indices), sum(len(o.token_ids) for o in outputs), seconds)
             ctx.counters["teacher_seconds"] = ctx.counters.get("teacher_seconds", 0.0) + seconds
-            answers.update(fresh)
-    return answers
+            bar.advance(task, len(indices))
+
+        # One plain chat user turn goes as its text, as every prompt did before conversations existed.
+        sent = [p.prompt if isinstance(p, Conversation) and p.plain else p for _, p in todo]
+        outs = ctx.teacher.generate(sent, on_batch=commit, max_new_tokens=max_new_tokens)
+    return {k: o for (k, _), o in zip(todo, outs)}
 
 
 def finish_reasons(outputs, spec) -> list[str]:
@@ -138,6 +183,12 @@ def finish_reasons(outputs, spec) -> list[str]:
             for o in outputs]
 
 
+def _prefilled(teacher) -> tuple[int, int]:
+    """(prompt tokens run, of which padding) so far by a local teacher (engine/teachers/transformers_backend.py)."""
+    tally = getattr(teacher, "tally", None)
+    return (tally.prefilled_tokens, tally.padding_tokens) if tally else (0, 0)
+
+
 class Teach(Stage):
     name = "teach"
     order = 60
@@ -146,7 +197,7 @@ class Teach(Stage):
     top_up = "new_rows"
 
     def cache_slice(self, spec, store):
-        key = [dump(spec.teacher), teacher_fingerprint(spec.teacher)]  # the prompt template's text is in dump
+        key = [teacher_key(spec.teacher), teacher_fingerprint(spec.teacher)]  # the prompt template's text is in dump
         if teach_order(spec) == "selection":  # which rows are asked: the quotas, selection's seed, the band
             mining = spec.mining
             key.append({"teach": dump(spec.teach), "coverage": dump(spec.coverage),
@@ -166,6 +217,7 @@ class Teach(Stage):
         bad = frame.filter(~rendered)
         frame, prompts = frame.filter(rendered), [p for p in prompts if p is not None]
         skipped, order_stats = None, {}
+        prefilled_before = _prefilled(ctx.teacher)
         if ordered is None:
             ordered = teach_order(spec) == "selection"
         if ordered:
@@ -174,25 +226,44 @@ class Teach(Stage):
             frame, prompts, outputs, calls, skipped, order_stats = ask_in_selection_order(frame, prompts, ctx)
         else:
             outputs, calls = ask_teacher(ctx, prompts)
-        stats = {"rows": frame.height, "cached": frame.height - calls, "teacher_calls": calls,
-                 "generated_tokens": int(sum(len(o.token_ids) for o in outputs)), "render_limit": bad.height,
+        more, more_calls = ask_samples(ctx, prompts)  # teacher.samples > 1: the rows taught, samples 1..N-1
+        calls += more_calls
+        answered = self._attach(frame, prompts, outputs, spec, samples=more)
+        stats = {"rows": frame.height, "cached": frame.height * spec.teacher.samples - calls, "teacher_calls": calls,
+                 "generated_tokens": int(sum(len(o.token_ids) for outs in [outputs, *more] for o in outs)),
+                 "render_limit": bad.height,
                  # chosen tokens a server returned as text no single id renders: stored as -1, never guessed
                  "unmapped_tokens": int(sum(int((o.token_ids < 0).sum()) for o in outputs))}
+        ran, padding = (after - before for after, before in zip(_prefilled(ctx.teacher), prefilled_before))
+        if ran:  # a local teacher generated: the share of the prompt tokens it ran that were padding
+            stats["padding_share"] = round(padding / ran, 4)
+        if spec.teacher.samples > 1:
+            stats["samples"] = spec.teacher.samples
+        if spec.teacher.reasoning:  # responses without the answer marker: kept, with answer null
+            stats["answer_format_broken"] = answered["answer"].null_count()
         if prompts and not prompts[0].plain:  # what lineage shows of the teacher's context (the first row's)
             stats["teacher_context"] = prompts[0].context()
         stats.update(order_stats)
         dropped = rejections(bad, self.name, pl.Series([p for p in problems if p is not None], dtype=pl.String))
         if skipped is not None and skipped.height:  # rows teach.order: selection never asked
             dropped = pl.concat([dropped, skipped])
-        return self._attach(frame, prompts, outputs, spec), dropped, stats
+        return answered, dropped, stats
 
     @staticmethod
-    def _attach(frame: pl.DataFrame, prompts: list[str | Conversation], outputs, spec) -> pl.DataFrame:
+    def _attach(frame: pl.DataFrame, prompts: list[str | Conversation], outputs, spec,
+                samples: list[list] | None = None) -> pl.DataFrame:
         """The teacher's columns beside the rows; teacher_prompt is each row's own prompt (the last user
-        turn, or the whole plain text), the system message and turns are the spec's."""
+        turn, or the whole plain text), the system message and turns are the spec's. samples: the outputs
+        of samples 1..N-1 (ask_samples); given, sample_responses and sample_answers hold all N, sample 0 first."""
         prompts = [as_conversation(p).prompt for p in prompts]
         marker = spec.teacher.reasoning.answer_marker if spec.teacher.reasoning else None
         split = [split_answer(o.text, marker) for o in outputs]
+        if samples:
+            each = list(zip(outputs, *samples))
+            frame = frame.with_columns(
+                sample_responses=pl.Series([[o.text for o in row] for row in each], dtype=pl.List(pl.String)),
+                sample_answers=pl.Series([[split_answer(o.text, marker)[1] for o in row] for row in each],
+                                         dtype=pl.List(pl.String)))
         tokens = pa.table({
             "token_ids": list_column([o.token_ids for o in outputs], np.int32),
             "token_logprobs": list_column([o.token_logprobs for o in outputs], np.float32),

@@ -30,6 +30,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -146,6 +147,33 @@ class OpenAITeacher:
 
     def close(self) -> None:
         self._client.close()
+
+    def prompt_logprobs(self, pairs: list[tuple[str, str]]) -> list[tuple[float, int] | None]:
+        """Per (plain-text prompt, continuation): the log-prob the server gives the continuation read after
+        the prompt, from `POST /completions` with `echo: true, logprobs: 1` (option scoring,
+        engine/teachers/options.py): (sum of its tokens' log-probs, their number as the server split it), or
+        None where the echoed tokens before the answer do not end by spelling the continuation. Up to
+        max_concurrency requests at once; the first that fails for good stops the rest and is raised."""
+        stop = threading.Event()
+
+        def echo(pair: tuple[str, str]) -> tuple[float, int] | None:
+            text, tail = pair
+            body = {**self.spec.extra_body, "model": self.spec.model, "prompt": text + tail, "max_tokens": 1,
+                    "temperature": 0.0, "echo": True, "logprobs": 1, "n": 1, "stream": False}
+            try:
+                data = self._request("POST", "/completions", body, stop)
+            except BaseException:
+                stop.set()
+                raise
+            return _echoed_logprob(data, tail)
+
+        with ThreadPoolExecutor(max_workers=self.spec.max_concurrency, thread_name_prefix="teacher") as pool:
+            futures = [pool.submit(echo, p) for p in pairs]
+            wait(futures)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:  # the failure itself, not a request it cancelled
+            raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
+        return [f.result() for f in futures]
 
     # --- one request ----------------------------------------------------------
 
@@ -321,6 +349,30 @@ class OpenAITeacher:
             finish_reason=_finish_reason(choice.get("finish_reason")),
             unmapped_tokens=unmapped,
         )
+
+
+def _echoed_logprob(data: dict, tail: str) -> tuple[float, int] | None:
+    """(summed log-prob, tokens) of the echoed tokens that spell `tail` at the end of the prompt, or None.
+
+    The answer's own tokens (usage.completion_tokens) may follow the echo or not (llama-cpp-python lists
+    no entry for a token it did not evaluate): both are tried."""
+    try:
+        logprobs = data["choices"][0]["logprobs"]
+        tokens, values = logprobs["tokens"], logprobs["token_logprobs"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values):
+        return None
+    answered = (data.get("usage") or {}).get("completion_tokens")
+    for skip in dict.fromkeys((answered if isinstance(answered, int) else 0, 0)):
+        end, text, start = len(tokens) - skip, "", len(tokens) - skip
+        while start > 1 and len(text) < len(tail) and isinstance(tokens[start - 1], str):
+            start -= 1
+            text = tokens[start] + text
+        read = values[start:end]
+        if end > start and text == tail and all(isinstance(v, (int, float)) and math.isfinite(v) for v in read):
+            return float(sum(read)), end - start
+    return None
 
 
 def _completion_entries(logprobs) -> list[dict] | None:

@@ -1,8 +1,17 @@
-"""Teacher backend on transformers: batched generation with left padding, top-k log-probs."""
+"""Teacher backend on transformers: batched generation with left padding, top-k log-probs.
+
+Speed: prompts are batched by token length across everything asked at once, so batches carry little
+padding, and the token prefix all of them share (system part, instructions, few-shot turns) is run
+once and its key/value cache reused by every batch (engine/teachers/prefix.py).
+
+Device: teacher.device (cpu by default). On CUDA with bf16 support the weights are bf16; log-softmax
+and top-k run on float32 logits either way.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,13 +19,36 @@ import torch
 from engine.models import load_causal_lm
 from engine.prompts import prompt_ids
 from engine.teachers import TeacherOutput, teacher_fingerprint
+from engine.teachers.prefix import MIN_PREFIX, PrefixCache, cacheable, shared_prefix
+from engine.train.device import autocast_dtype, resolve_device
+
+
+@dataclass
+class Tally:
+    """Prompt tokens over this teacher's generate calls: what the prompts hold and what the model ran."""
+
+    prompt_tokens: int = 0  # every prompt's full length
+    prefilled_tokens: int = 0  # tokens the model ran before generating: shared prefixes once, batches with padding
+    padding_tokens: int = 0  # of those, padding
+
+    @property
+    def padding_share(self) -> float:
+        return self.padding_tokens / self.prefilled_tokens if self.prefilled_tokens else 0.0
 
 
 class TransformersTeacher:
-    def __init__(self, spec_teacher):
+    def __init__(self, spec_teacher, where: str = "<spec>", *, prefix_cache: bool = True):
+        """prefix_cache=False: every batch runs its whole prompts (the plain path, for comparison)."""
         self.spec = spec_teacher
+        self.device = resolve_device(spec_teacher.device, where, "teacher.device")  # before the load: fails fast
         self.model, self.tokenizer = load_causal_lm(spec_teacher.model)
+        if self.device.type != "cpu":  # bf16 where the GPU has it (dtype None: float32 as loaded)
+            self.model.to(device=self.device, dtype=autocast_dtype(self.device))
+        # The device is not in the fingerprint (nor the cache keys): the same prompts give the same rows on
+        # any device within float tolerance, so answers cached on one are valid on another.
         self.fingerprint = teacher_fingerprint(spec_teacher)
+        self.prefix_cache = prefix_cache and cacheable(self.model)
+        self.tally = Tally()
 
     @torch.inference_mode()
     def generate(self, prompts: list, on_batch: Callable[[list[int], list[TeacherOutput]], None] | None = None,
@@ -25,29 +57,46 @@ class TransformersTeacher:
         `on_batch(indices, outputs)` hears each batch as soon as it is answered. A prompt is a
         Conversation (engine.prompts) or a text (one chat user turn)."""
         encoded = [prompt_ids(self.tokenizer, p) for p in prompts]
+        shared = shared_prefix(encoded) if self.prefix_cache else 0
+        prefix = PrefixCache(self.model, encoded[0][:shared]) if shared >= MIN_PREFIX else None
+        self.tally.prompt_tokens += sum(len(ids) for ids in encoded)
+        self.tally.prefilled_tokens += len(prefix.ids) if prefix else 0
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         outputs: list[TeacherOutput | None] = [None] * len(prompts)
         size = self.spec.batch_size
         for start in range(0, len(order), size):
             batch = order[start : start + size]
-            answered = self._generate_batch([encoded[i] for i in batch], max_new_tokens)
+            answered = self._generate_batch([encoded[i] for i in batch], prefix, max_new_tokens)
             for i, out in zip(batch, answered):
                 outputs[i] = out
             if on_batch:
                 on_batch(batch, answered)
         return outputs  # type: ignore[return-value]
 
-    def _generate_batch(self, batch_ids: list[list[int]], max_new_tokens: int | None = None) -> list[TeacherOutput]:
-        gen = self.spec.generation
+    def _layout(self, batch_ids: list[list[int]], shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[prefix][left padding][suffix] ids and attention mask (mask 0 on the padding); without a prefix,
+        plain left padding. Every prompt ends where generation starts."""
         pad = self.tokenizer.pad_token_id
+        prefix = batch_ids[0][:shared]
+        suffixes = [ids[shared:] for ids in batch_ids]
+        width = max(len(s) for s in suffixes)
+        ids = [prefix + [pad] * (width - len(s)) + s for s in suffixes]
+        mask = [[1] * shared + [0] * (width - len(s)) + [1] * len(s) for s in suffixes]
+        self.tally.prefilled_tokens += width * len(suffixes)
+        self.tally.padding_tokens += sum(width - len(s) for s in suffixes)
+        return torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device)
+
+    def _generate_batch(self, batch_ids: list[list[int]], prefix: PrefixCache | None = None,
+                        max_new_tokens: int | None = None) -> list[TeacherOutput]:
+        gen = self.spec.generation
         eos = self.tokenizer.eos_token_id
-        width = max(len(ids) for ids in batch_ids)
-        # Left padding: every prompt ends where generation starts.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids])
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids])
+        input_ids, attention = self._layout(batch_ids, len(prefix.ids) if prefix else 0)
         sampling = gen.temperature > 0
         if sampling:
-            torch.manual_seed(gen.seed)
+            torch.manual_seed(gen.seed)  # seeds every device's generator: a re-run samples the same
+        # generate reads the prefix from the cache and runs only the rest of each row; position ids come
+        # from the mask's running sum, so the padding between prefix and suffix shifts nothing.
+        cached = {"cache": prefix.for_batch(len(batch_ids))} if prefix else {}
         result = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention,
@@ -56,17 +105,30 @@ class TransformersTeacher:
             temperature=gen.temperature if sampling else None,
             top_p=gen.top_p if sampling else None,
             top_k=None,
-            pad_token_id=pad,
+            pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=eos,
             output_logits=True,  # raw logits, before temperature or top-p touch them
             return_dict_in_generate=True,
+            **cached,
         )
-        generated = result.sequences[:, width:]
-        # [batch, steps, vocab] -> log-probs of the raw T=1 distribution, in float32.
-        logprobs = torch.log_softmax(torch.stack(result.logits, dim=1).float(), dim=-1)
-        top_lp, top_ids = logprobs.topk(self.spec.logprobs.top_k, dim=-1)
-        chosen_lp = logprobs.gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        generated = result.sequences[:, input_ids.shape[1]:]
+        top_lp, top_ids, chosen_lp = self._logprobs(result.logits, generated)
+        generated = generated.cpu()
         return [self._row(generated[b], chosen_lp[b], top_ids[b], top_lp[b], eos) for b in range(len(batch_ids))]
+
+    def _logprobs(self, logits: tuple[torch.Tensor, ...], generated: torch.Tensor):
+        """Per step, log-probs of the raw T=1 distribution in float32 (the logits may be bf16): the top-k
+        and the chosen token's, as [batch, steps, ...] CPU tensors. One step at a time, so no float32
+        copy of every step's whole vocabulary is ever held at once."""
+        k = self.spec.logprobs.top_k
+        top_lp, top_ids, chosen = [], [], []
+        for step, step_logits in enumerate(logits):
+            logprobs = torch.log_softmax(step_logits.float(), dim=-1)
+            values, ids = logprobs.topk(k, dim=-1)
+            top_lp.append(values)
+            top_ids.append(ids)
+            chosen.append(logprobs.gather(-1, generated[:, step : step + 1]).squeeze(-1))
+        return (torch.stack(top_lp, 1).cpu(), torch.stack(top_ids, 1).cpu(), torch.stack(chosen, 1).cpu())
 
     def _row(self, ids, chosen_lp, top_ids, top_lp, eos) -> TeacherOutput:
         ids = ids.tolist()

@@ -3,6 +3,11 @@
 An example's input is prompt_ids(the student's conversation) + the teacher's token ids. The
 logits at position t predict token t+1, so response token j (at position P+j) is
 scored by the logits at P+j-1; the prompt is masked out of the loss.
+
+With teacher.reasoning, each response's tokens split at the answer start (the end of the last
+answer marker, found on the teacher's ids as the confidence stage finds it): `answer_mask` marks
+the answer tokens (eos included), which training.loss.answer_weight weighs, and the tokens before it
+take reasoning_weight. A response without the marker is all answer.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import torch
 
 from engine.errors import RenderLimit, TrainError
 from engine.prompts import Conversation, conversations, prompt_ids, student_side
+from engine.stages.confidence import answer_start
 from engine.templates import compile_template, render
+from engine.train.options import collate_options
 
 _LIST_COLUMNS = ("token_ids", "topk_ids", "topk_logprobs")
 
@@ -25,6 +32,8 @@ class Encoded:
     token_ids: list[int]
     topk_ids: list[list[int]]
     topk_logprobs: list[list[float]]
+    answer_from: int = 0  # index of the first answer token in token_ids (0: every token is an answer token)
+    options: object = None  # kd_target: options: its engine.train.options.OptionTarget, or None
 
 
 def student_texts(examples: pl.DataFrame, student_prompt: str | None) -> list[str]:
@@ -57,20 +66,24 @@ def student_conversations(examples: pl.DataFrame, spec) -> list[Conversation]:
     return found
 
 
-def encode(examples: pl.DataFrame, tokenizer, texts: list) -> list[Encoded]:
+def encode(examples: pl.DataFrame, tokenizer, texts: list, marker: str | None = None,
+           options: list | None = None) -> list[Encoded]:
     """One Encoded per row with at least one teacher token (an empty response teaches nothing).
 
     texts: per row what the student reads: a Conversation (student_conversations), or a text, read
-    as the one user turn of a chat.
+    as the one user turn of a chat. marker: the answer marker whose end starts each row's answer
+    tokens (None: every token is an answer token). options: per row its OptionTarget or None
+    (engine.train.options.option_targets).
 
     A row holding an unmapped token (id -1: a server answered with text no single id renders)
     is left out: its targets are not known exactly.
     """
     out = []
     columns = examples.select(_LIST_COLUMNS).cast({"topk_logprobs": pl.List(pl.List(pl.Float32))})
-    for text, (tokens, topk_ids, topk_lps) in zip(texts, columns.iter_rows()):
+    for text, option, (tokens, topk_ids, topk_lps) in zip(texts, options or [None] * len(texts), columns.iter_rows()):
         if tokens and min(tokens) >= 0:
-            out.append(Encoded(prompt_ids(tokenizer, text), list(tokens), topk_ids, topk_lps))
+            start = answer_start(tokenizer, tokens, marker) if marker else 0
+            out.append(Encoded(prompt_ids(tokenizer, text), list(tokens), topk_ids, topk_lps, start, option))
     return out
 
 
@@ -80,24 +93,27 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     `mask` marks the positions that predict a response token; the flat tensors follow
     its row-major order, which is the order of `hidden[mask]`. Top-k rows are padded
     to the batch's largest k with absent (-inf) slots that repeat slot 0's id.
+    `answer_mask` [N] marks the answer tokens (each example's tokens from its answer_from on).
     """
     seq = max(len(e.prompt_ids) + len(e.token_ids) for e in batch)
     k = max(len(row) for e in batch for row in e.topk_ids)
     input_ids = torch.full((len(batch), seq), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), seq), dtype=torch.long)
     mask = torch.zeros((len(batch), seq), dtype=torch.bool)
-    targets, topk_ids, topk_lps = [], [], []
+    targets, topk_ids, topk_lps, answer = [], [], [], []
     for i, e in enumerate(batch):
         p, r = len(e.prompt_ids), len(e.token_ids)
         input_ids[i, : p + r] = torch.tensor(e.prompt_ids + e.token_ids)
         attention[i, : p + r] = 1
         mask[i, p - 1 : p - 1 + r] = True  # the positions whose logits predict the response
         targets += e.token_ids
+        answer += [j >= e.answer_from for j in range(r)]
         for ids, lps in zip(e.topk_ids, e.topk_logprobs):
             topk_ids.append(ids + [ids[0]] * (k - len(ids)))
             topk_lps.append(lps + [float("-inf")] * (k - len(lps)))
     return {"input_ids": input_ids, "attention_mask": attention, "mask": mask, "targets": torch.tensor(targets),
-            "topk_ids": torch.tensor(topk_ids), "topk_logprobs": torch.tensor(topk_lps, dtype=torch.float32)}
+            "topk_ids": torch.tensor(topk_ids), "topk_logprobs": torch.tensor(topk_lps, dtype=torch.float32),
+            "answer_mask": torch.tensor(answer, dtype=torch.bool), **collate_options(batch, pad_id)}
 
 
 def response_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -3,6 +3,7 @@
 CPU is the default and its path is exactly the float32 one (no autocast, batches stay where collate
 made them). On a CUDA device with bf16 support, forwards run under bf16 autocast; the losses cast the
 logits (and hidden states) to float32 before any softmax or distance, so only the matmuls are bf16.
+The transformers teacher resolves teacher.device here too (engine/teachers/transformers_backend.py).
 """
 
 from __future__ import annotations
@@ -14,22 +15,23 @@ import torch
 from engine.errors import SpecError
 
 
-def resolve_device(name: str, where: str = "<spec>") -> torch.device:
-    """training.device ("auto", "cpu", "cuda", "cuda:N") -> a torch.device this machine has.
+def resolve_device(name: str, where: str = "<spec>", field: str = "training.device") -> torch.device:
+    """training.device or teacher.device (`field`: "auto", "cpu", "cuda", "cuda:N") -> a torch.device this
+    machine has.
 
-    auto: cuda if available, else cpu. A CUDA device this machine lacks is a one-line SpecError.
+    auto: cuda if available, else cpu. A CUDA device this machine lacks is a one-line SpecError naming `field`.
     """
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if name == "auto":
         return torch.device("cuda", 0)
     if not torch.cuda.is_available():
-        raise SpecError(f"{where}: training.device: {name} asked for, but torch sees no CUDA device on this "
+        raise SpecError(f"{where}: {field}: {name} asked for, but torch sees no CUDA device on this "
                         "machine (use cpu, or auto to take CUDA only where there is one)")
     index = int(name.split(":")[1]) if ":" in name else 0
     count = torch.cuda.device_count()
     if index >= count:
-        raise SpecError(f"{where}: training.device: {name} asked for, but this machine has "
+        raise SpecError(f"{where}: {field}: {name} asked for, but this machine has "
                         f"{count} CUDA device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
     return torch.device("cuda", index)
 

@@ -276,7 +276,9 @@ def _row(name: str, kind: str, seed: int | None, s: EvalSet, size: dict, scores:
 # Columns a student template may name (engine.templates.EXAMPLE_VARIABLES) that an eval source lacks.
 _EXAMPLE_EXTRAS = {"cluster": pl.Int32, "split": pl.String, "conf_mean_token_prob": pl.Float64,
                    "conf_min_token_prob": pl.Float64, "conf_answer_prob": pl.Float64, "conf_margin": pl.Float64,
-                   "conf_entropy": pl.Float64}
+                   "conf_entropy": pl.Float64, "options": pl.List(pl.String), "option_probs": pl.List(pl.Float64),
+                   "conf_option_answer_prob": pl.Float64, "conf_option_margin": pl.Float64,
+                   "conf_option_entropy": pl.Float64}
 
 
 def _as_examples(rows: pl.DataFrame) -> pl.DataFrame:

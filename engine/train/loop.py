@@ -38,6 +38,7 @@ from engine.train.data import collate, encode, response_logits, student_conversa
 from engine.train.device import autocast, autocast_dtype, resolve_device, to_device
 from engine.train.hidden import HiddenDistill, check_teacher_layers, decoder_layers, with_teacher_hidden
 from engine.train.losses import distillation_loss
+from engine.train.options import option_targets, option_token_ids, with_option_kd
 from engine.train.students import build_student, lr_depths
 from engine.train.vocab import dataset_ids, remap_for
 
@@ -77,11 +78,28 @@ def temperature_at(loss: Loss, step: int, total_steps: int) -> float:
     return loss.temperature + (loss.temperature_end - loss.temperature) * progress
 
 
+def answer_marker(spec: Spec) -> str | None:
+    """The marker whose end starts each response's answer tokens, when the token weights tell them apart."""
+    loss = spec.training.loss
+    if spec.teacher.reasoning is None or loss.reasoning_weight == loss.answer_weight:
+        return None
+    return spec.teacher.reasoning.answer_marker
+
+
+def token_weights(batch: dict[str, torch.Tensor], loss: Loss) -> torch.Tensor | None:
+    """[N] per response token: answer_weight on answer tokens, reasoning_weight before them; None when
+    both are 1, so the default loss runs the plain mean (bit for bit)."""
+    if loss.reasoning_weight == loss.answer_weight == 1.0:
+        return None
+    return torch.where(batch["answer_mask"], loss.answer_weight, loss.reasoning_weight)
+
+
 def _loss(model, batch: dict[str, torch.Tensor], loss: Loss, hard_weight: float, temperature: float):
     batch = remap_for(model, batch)  # a trimmed vocabulary: teacher ids -> the student's (engine/train/vocab.py)
     return distillation_loss(response_logits(model, batch), batch["topk_ids"], batch["topk_logprobs"],
                              batch["targets"], kd_weight=loss.kd_weight, hard_weight=hard_weight,
-                             temperature=temperature, divergence=loss.divergence, beta=loss.beta, tail=loss.tail)
+                             temperature=temperature, divergence=loss.divergence, beta=loss.beta, tail=loss.tail,
+                             weights=token_weights(batch, loss), kd_mask=batch.get("token_kd"))
 
 
 @dataclass
@@ -209,6 +227,8 @@ class Trainee:
         hooks = self.hidden.capture(self.model, batch["mask"]) if self.hidden is not None else contextlib.nullcontext()
         with autocast(self.device), hooks as states:
             parts = _loss(self.model, batch, loss_spec, hard_weight, temperature)
+        with autocast(self.device):  # kd_target: options: the option sequences' forward, outside the hooks
+            parts = with_option_kd(parts, self.model, batch, loss_spec, temperature)
         hidden = self.hidden(states, batch["teacher_hidden"]) if self.hidden is not None else None
         return parts, hidden
 
@@ -266,10 +286,14 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
     teacher, tokenizer = load_causal_lm(spec.teacher.model)
     if cfg.loss.hidden is not None:  # before any student is built: a bad teacher layer fails at once
         check_teacher_layers(cfg.loss.hidden.layer_map, len(decoder_layers(teacher)), where)
-    encoded = encode(train, tokenizer, student_conversations(train, spec))
+    marker = answer_marker(spec)
+    texts = student_conversations(train, spec)
+    encoded = encode(train, tokenizer, texts, marker, options=option_targets(train, spec, tokenizer, texts, train=True))
     if not encoded:
         raise SpecError(f"{where}: training: the train split has no example with teacher tokens to learn from")
-    val_encoded = encode(val, tokenizer, student_conversations(val, spec)) if val.height else []
+    val_texts = student_conversations(val, spec) if val.height else []
+    val_encoded = encode(val, tokenizer, val_texts, marker,
+                         options=option_targets(val, spec, tokenizer, val_texts)) if val.height else []
     if (patience is not None or keep_best) and not val_encoded:
         what = "early_stopping" if patience is not None else "keep: best"
         raise SpecError(f"{where}: training.{what} needs the val loss, and the val split has no example "
@@ -281,7 +305,8 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
     steps_per_epoch = math.ceil(len(encoded) / group)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     calibration = [e.prompt_ids + e.token_ids for e in encoded]  # where from_teacher pruning measures importance
-    used_ids = dataset_ids(encoded + val_encoded)  # what a trimmed vocabulary must keep
+    # What a trimmed vocabulary must keep: the ids the examples use, and with kd_target: options their options'.
+    used_ids = dataset_ids(encoded + val_encoded) | option_token_ids(encoded + val_encoded)
     trainees = [Trainee.create(spec, s, teacher, tokenizer, total_steps, calibration, used_ids, device=device)
                 for s in spec.students]
     for t in trainees:  # what pruning kept and why (also in metrics.json under "pruning")

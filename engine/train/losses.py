@@ -41,6 +41,12 @@ gradients' scale independent of T, as in Hinton et al.; it applies to every dive
 The hard CE uses the student's untempered logits. Everything is float32; the result is a
 mean over the response tokens selected by `mask`.
 
+Token weights (training.loss.reasoning_weight / answer_weight, `weights`): both terms become
+sum_t w_t * term_t / N over the N selected tokens. The denominator is the token count, not the sum
+of the weights, so a weight scales its tokens' gradient and nothing else (answer_weight 1 leaves the
+answer tokens' gradient as it was), and micro-batches still combine by their share of the tokens.
+Without weights the plain mean runs, bit for bit what it was.
+
 A top-k slot whose stored log-prob is -inf is absent (pads a ragged k; slot 0, the
 likeliest, is always present): its id belongs to the tail like any other unstored id.
 
@@ -72,8 +78,8 @@ REVERSE_KL_LOG_FLOOR = math.log(1e-12)
 @dataclass
 class LossParts:
     loss: torch.Tensor  # weighted total, what backward() is called on
-    kd: torch.Tensor  # mean T^2 * divergence over response tokens (detached)
-    ce: torch.Tensor  # mean hard cross-entropy (detached)
+    kd: torch.Tensor  # mean T^2 * divergence over response tokens, token-weighted if weights (detached)
+    ce: torch.Tensor  # mean hard cross-entropy, token-weighted if weights (detached)
     tokens: int  # response tokens averaged over
 
 
@@ -235,10 +241,14 @@ def distillation_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,  # jsd only
     tail: str = "bucket",
+    weights: torch.Tensor | None = None,  # [...] per-token weight (see the module docstring); None: all 1
+    kd_mask: torch.Tensor | None = None,  # [...] bool: False where the KD term skips a token (kd_target: options)
 ) -> LossParts:
     if tail not in TAILS:
         raise ValueError(f"unknown tail {tail!r} (one of {', '.join(TAILS)})")
     logits, ids, lps, tgt = _select(mask, student_logits, topk_ids, topk_logprobs, targets)
+    if weights is not None:
+        weights = _select(mask, weights)[0].float()
     if logits.shape[0] == 0:
         zero = student_logits.sum() * 0.0  # keeps the graph: backward() still works
         return LossParts(zero, zero.detach(), zero.detach(), 0)
@@ -248,11 +258,25 @@ def distillation_loss(
         student, target_lp = _bucket_and_target(logits, ids, valid, tgt)
     else:
         student, target_lp = student_log_probs(logits, ids, valid, tail), None
-    kd = divergence_per_token(teacher, student, temperature, divergence, beta).mean()
+    kd_weights = weights
+    if kd_mask is not None:  # those tokens' examples are distilled through their options (engine/train/options.py)
+        kept = _select(mask, kd_mask)[0].float()
+        kd_weights = kept if weights is None else weights * kept
+    kd = _mean(divergence_per_token(teacher, student, temperature, divergence, beta), kd_weights)
     kd = kd * temperature**2
-    ce = -target_lp.mean() if target_lp is not None else F.cross_entropy(logits.float(), tgt.long())
+    if target_lp is not None:
+        ce = _mean(-target_lp, weights)
+    elif weights is None:
+        ce = F.cross_entropy(logits.float(), tgt.long())
+    else:
+        ce = _mean(F.cross_entropy(logits.float(), tgt.long(), reduction="none"), weights)
     loss = kd_weight * kd + hard_weight * ce
     return LossParts(loss, kd.detach(), ce.detach(), int(logits.shape[0]))
+
+
+def _mean(per_token: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens; weighted: sum of weight * value over the token count (not over the weights)."""
+    return per_token.mean() if weights is None else (per_token * weights).sum() / per_token.shape[0]
 
 
 HIDDEN_DISTANCES = ("cosine", "mse")

@@ -47,6 +47,9 @@ def training_hash(spec) -> str:
     reads = side_format(student_side(spec))
     if reads is not None:
         shaping["student_reads"] = reads
+    loss, reasoning = spec.training.loss, spec.teacher.reasoning
+    if reasoning is not None and loss.reasoning_weight != loss.answer_weight:  # where the weighted answer starts
+        shaping["answer_marker"] = reasoning.answer_marker
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 
@@ -64,6 +67,9 @@ def _training_shaping(training) -> dict:
                                                         "student_system", "student_messages"})
     if shaping["loss"].get("hidden") is None:
         shaping["loss"].pop("hidden", None)
+    for weight in ("reasoning_weight", "answer_weight"):  # token weights at 1: as before they existed
+        if shaping["loss"].get(weight) == 1.0:
+            shaping["loss"].pop(weight)
     return shaping
 
 
