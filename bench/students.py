@@ -10,12 +10,14 @@ then the students of KINDS below replace the spec's own (spec.model_copy), are t
 (engine.train.runs.train_seeds) and scored (engine.train.runs.evaluate) on the test split and on
 each of the spec's eval.sources:
 
-    scratch        a fresh Llama like the demo's `tiny` (config:)
+    scratch        a fresh Llama like the demo's `tiny` (config:), about a twelfth of the teacher
     drop6          six of the teacher's 30 layers, full width (from_teacher: layers)
-    prune          depth + width: the 12 most influential layers, hidden 384, MLP 1024, 6 query heads
-    prune-vocab    prune, and the vocabulary trimmed to the dataset's ids + 2000 frequent ones
-    drop6-hidden   drop6 trained with the hidden-state loss as well (training.loss.hidden)
-    prune-hidden   prune trained with the hidden-state loss as well
+    tenth          the demo's `tenth`: the 6 most influential layers, hidden 384, MLP 1024, 6 query
+                   heads in 2 kv groups, vocabulary trimmed to the dataset's ids + 2000 frequent ones
+    tenth-hidden   tenth trained with the hidden-state loss as well (training.loss.hidden)
+
+and, by name with --only: prune (12 layers, hidden 384, MLP 1024, 6 heads, full vocabulary),
+prune-vocab (prune with the trimmed vocabulary), drop6-hidden, prune-hidden.
 
 Students that need a training setting the others lack (the hidden-state loss) train in their own
 run. A kind whose spec field or trainer part is missing is listed as skipped, naming it.
@@ -66,6 +68,8 @@ from engine.train.data import student_texts  # noqa: E402
 
 DEFAULT_SPECS = ["specs/demo.yaml", "specs/bench/language.yaml"]
 PRUNE = {"keep_layers": 12, "hidden_size": 384, "intermediate_size": 1024, "heads": 6}
+TENTH = {"keep_layers": 6, "hidden_size": 384, "intermediate_size": 1024, "heads": 6, "kv_heads": 2,
+         "vocab": {"keep_frequent": 2000}}
 HIDDEN_LOSS = {"weight": 1.0, "distance": "cosine"}  # every student layer mapped, last onto last
 QUICK_STEPS, QUICK_CALIBRATION = 30, 16
 
@@ -98,6 +102,12 @@ KINDS = [
     Kind("scratch", "config: fresh, like the demo's tiny",
          {"config": {"hidden_size": 192, "num_layers": 4, "num_heads": 4, "intermediate_size": 512}}),
     Kind("drop6", "from_teacher: layers 0,6,12,18,24,29", {"from_teacher": {"layers": [0, 6, 12, 18, 24, 29]}}),
+    Kind("tenth", "from_teacher: keep 6 layers, width 384/1024/6 heads/2 kv, vocab keep_frequent 2000",
+         {"from_teacher": TENTH}),
+    Kind("tenth-hidden", "tenth + hidden-state loss (cosine, weight 1)", {"from_teacher": TENTH},
+         loss={"hidden": HIDDEN_LOSS}),
+]
+EXTRA_KINDS = [  # by name with --only
     Kind("prune", "from_teacher: keep 12 layers, width 384/1024/6 heads", {"from_teacher": dict(PRUNE)}),
     Kind("prune-vocab", "prune + vocab keep_frequent 2000",
          {"from_teacher": {**PRUNE, "vocab": {"keep_frequent": 2000}}}),
@@ -364,8 +374,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (default 0,1,2)")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: seed 0 only, at most {QUICK_STEPS} "
                         f"training steps, {QUICK_CALIBRATION} calibration sequences")
-    parser.add_argument("--only", help="student kinds to run, comma-separated (default: all of "
-                        + ", ".join(k.name for k in KINDS) + ")")
+    parser.add_argument("--only", help="student kinds to run, comma-separated (default: "
+                        + ", ".join(k.name for k in KINDS) + "; also "
+                        + ", ".join(k.name for k in EXTRA_KINDS) + ")")
     parser.add_argument("--store", type=Path, default=Path("out/bench-store"),
                         help="store the bench curates and trains into; cached across runs (default out/bench-store)")
     parser.add_argument("--fresh", action="store_true", help="use a new temporary store: every cost is paid again")
@@ -382,7 +393,7 @@ def main() -> None:
         print_results(console, saved["specs"], saved["speed_prompts"])
         return
     seeds = [0] if args.quick else list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
-    kinds = KINDS if not args.only else [k for k in KINDS if k.name in args.only.split(",")]
+    kinds = KINDS if not args.only else [k for k in KINDS + EXTRA_KINDS if k.name in args.only.split(",")]
     threads = set_threads()
     console.print(f"{threads} torch thread(s); seeds {','.join(map(str, seeds))}{' (quick)' if args.quick else ''}; "
                   f"students {', '.join(k.name for k in kinds)}", highlight=False)

@@ -148,7 +148,10 @@ class Generation(Strict):
 
 
 class Logprobs(Strict):
-    top_k: int = Field(20, ge=1, le=100)
+    top_k: int = Field(20, ge=1, le=100)  # topk: the k likeliest ids; sampled: k draws (engine/train/sampled.py)
+    # topk: the k likeliest ids and their T=1 log-probs. sampled: the distinct ids of top_k draws with
+    # replacement from the T=1 distribution, each with log(count / top_k): an unbiased estimate of it.
+    mode: Literal["topk", "sampled"] = "topk"
 
 
 class Reasoning(Strict):
@@ -782,6 +785,9 @@ class Training(Strict):
     checkpoint_every: int | None = Field(50, ge=1)
     # auto: cuda if available, else cpu. On CUDA with bf16, forwards run under bf16 autocast (losses in float32).
     device: Annotated[str, AfterValidator(_device)] = "cpu"
+    # stored: the dataset's top-k (or sampled) log-probs. online: the loop runs the (local) teacher over its
+    # own prompt and the response, and distils its full-vocabulary distribution (engine/train/online.py).
+    teacher_signal: Literal["stored", "online"] = "stored"
 
     @field_validator("seeds")
     @classmethod
@@ -866,6 +872,23 @@ class Spec(Strict):
             raise ValueError(f"training.loss.hidden: hidden-state distillation needs the teacher's weights "
                              f"(teacher.backend: transformers); the {self.teacher.backend} backend gives only "
                              "tokens and log-probs")
+        return self
+
+    @model_validator(mode="after")
+    def _online_and_sampled_need_local_teacher(self) -> "Spec":
+        backend = self.teacher.backend
+        if self.training.teacher_signal == "online" and backend != "transformers":
+            raise ValueError(f"training.teacher_signal: online runs the teacher over every training batch for its "
+                             f"full-vocabulary distribution: it needs teacher.backend: transformers; the {backend} "
+                             "backend (a server) gives no prompt log-probs")
+        if self.teacher.logprobs.mode == "sampled":
+            if backend != "transformers":
+                raise ValueError(f"teacher.logprobs.mode: sampled draws ids from the teacher's full distribution: "
+                                 f"it needs teacher.backend: transformers; the {backend} backend returns top-k, "
+                                 "not draws")
+            if self.ensemble is not None:
+                raise ValueError("teacher.logprobs.mode: sampled cannot go with ensemble: the members' top-k "
+                                 "would be mixed into the teacher's draws, which are no longer unbiased")
         return self
 
     @model_validator(mode="after")

@@ -23,7 +23,8 @@ STUDENTS = [{"name": "fresh", "config": {"hidden_size": 16, "num_layers": 2, "nu
 # 10 train rows in batches of 4: 3 steps an epoch (the last batch short), 9 in all; keep: best, so the
 # best weights and val history must survive the interruption too.
 TRAINING = {"epochs": 3, "batch_size": 4, "seed": 5, "keep": "best", "optimizer": {"lr": 3e-3, "warmup_steps": 2}}
-TIMING = ("wall_seconds", "val_seconds", "run_seconds", "resumed_from_step", "checkpoints")
+TIMING = ("wall_seconds", "val_seconds", "run_seconds", "resumed_from_step", "checkpoints", "seconds_per_step",
+          "teacher_forward_seconds", "peak_memory")
 
 
 def _spec(teacher_dir, students=STUDENTS, **training):

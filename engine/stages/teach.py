@@ -76,7 +76,10 @@ def generation_params(spec, max_new_tokens: int | None = None) -> dict:
     generation = t.generation.model_dump()
     if max_new_tokens:
         generation["max_new_tokens"] = max_new_tokens
-    return {"generation": generation, "top_k": t.logprobs.top_k}
+    params = {"generation": generation, "top_k": t.logprobs.top_k}
+    if t.logprobs.mode != "topk":  # keyed apart from top-k answers; top-k keys stay as they were
+        params["logprobs_mode"] = t.logprobs.mode
+    return params
 
 
 def ask_teacher(ctx: RunContext, prompts: list[str | Conversation], label: str = "teach", *,
@@ -239,6 +242,7 @@ class Teach(Stage):
             stats["padding_share"] = round(padding / ran, 4)
         if spec.teacher.samples > 1:
             stats["samples"] = spec.teacher.samples
+        stats["logprobs_mode"] = spec.teacher.logprobs.mode  # what topk_* hold: training reads it from lineage
         if spec.teacher.reasoning:  # responses without the answer marker: kept, with answer null
             stats["answer_format_broken"] = answered["answer"].null_count()
         if prompts and not prompts[0].plain:  # what lineage shows of the teacher's context (the first row's)

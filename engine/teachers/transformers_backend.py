@@ -21,6 +21,7 @@ from engine.prompts import prompt_ids
 from engine.teachers import TeacherOutput, teacher_fingerprint
 from engine.teachers.prefix import MIN_PREFIX, PrefixCache, cacheable, shared_prefix
 from engine.train.device import autocast_dtype, resolve_device
+from engine.train.sampled import draw, row_generator
 
 
 @dataclass
@@ -112,19 +113,27 @@ class TransformersTeacher:
             **cached,
         )
         generated = result.sequences[:, input_ids.shape[1]:]
-        top_lp, top_ids, chosen_lp = self._logprobs(result.logits, generated)
+        top_lp, top_ids, chosen_lp = self._logprobs(result.logits, generated, batch_ids)
         generated = generated.cpu()
         return [self._row(generated[b], chosen_lp[b], top_ids[b], top_lp[b], eos) for b in range(len(batch_ids))]
 
-    def _logprobs(self, logits: tuple[torch.Tensor, ...], generated: torch.Tensor):
+    def _logprobs(self, logits: tuple[torch.Tensor, ...], generated: torch.Tensor, batch_ids: list[list[int]]):
         """Per step, log-probs of the raw T=1 distribution in float32 (the logits may be bf16): the top-k
-        and the chosen token's, as [batch, steps, ...] CPU tensors. One step at a time, so no float32
-        copy of every step's whole vocabulary is ever held at once."""
+        (logprobs.mode: sampled, the distinct ids of k draws: engine/train/sampled.py) and the chosen
+        token's, as [batch, steps, ...] CPU tensors. One step at a time, so no float32 copy of every
+        step's whole vocabulary is ever held at once."""
         k = self.spec.logprobs.top_k
+        sampled = self.spec.logprobs.mode == "sampled"
+        # One generator per row, seeded by generation.seed and its prompt: a re-run draws the same ids.
+        generators = [row_generator(self.spec.generation.seed, ids) for ids in batch_ids] if sampled else None
         top_lp, top_ids, chosen = [], [], []
         for step, step_logits in enumerate(logits):
             logprobs = torch.log_softmax(step_logits.float(), dim=-1)
-            values, ids = logprobs.topk(k, dim=-1)
+            if sampled:
+                drawn = [draw(row, k, g) for row, g in zip(logprobs, generators)]
+                ids, values = torch.stack([d[0] for d in drawn]), torch.stack([d[1] for d in drawn])
+            else:
+                values, ids = logprobs.topk(k, dim=-1)
             top_lp.append(values)
             top_ids.append(ids)
             chosen.append(logprobs.gather(-1, generated[:, step : step + 1]).squeeze(-1))

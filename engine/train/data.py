@@ -34,6 +34,7 @@ class Encoded:
     topk_logprobs: list[list[float]]
     answer_from: int = 0  # index of the first answer token in token_ids (0: every token is an answer token)
     options: object = None  # kd_target: options: its engine.train.options.OptionTarget, or None
+    teacher_prompt_ids: list[int] | None = None  # teacher_signal: online: the teacher's own context
 
 
 def student_texts(examples: pl.DataFrame, student_prompt: str | None) -> list[str]:
@@ -67,23 +68,28 @@ def student_conversations(examples: pl.DataFrame, spec) -> list[Conversation]:
 
 
 def encode(examples: pl.DataFrame, tokenizer, texts: list, marker: str | None = None,
-           options: list | None = None) -> list[Encoded]:
+           options: list | None = None, teacher_texts: list | None = None) -> list[Encoded]:
     """One Encoded per row with at least one teacher token (an empty response teaches nothing).
 
     texts: per row what the student reads: a Conversation (student_conversations), or a text, read
     as the one user turn of a chat. marker: the answer marker whose end starts each row's answer
     tokens (None: every token is an answer token). options: per row its OptionTarget or None
-    (engine.train.options.option_targets).
+    (engine.train.options.option_targets). teacher_texts: per row the teacher's own context
+    (training.teacher_signal: online), read as texts are.
 
     A row holding an unmapped token (id -1: a server answered with text no single id renders)
     is left out: its targets are not known exactly.
     """
     out = []
     columns = examples.select(_LIST_COLUMNS).cast({"topk_logprobs": pl.List(pl.List(pl.Float32))})
-    for text, option, (tokens, topk_ids, topk_lps) in zip(texts, options or [None] * len(texts), columns.iter_rows()):
+    teacher_texts = teacher_texts or [None] * len(texts)
+    for text, option, teacher_text, (tokens, topk_ids, topk_lps) in zip(texts, options or [None] * len(texts),
+                                                                        teacher_texts, columns.iter_rows()):
         if tokens and min(tokens) >= 0:
             start = answer_start(tokenizer, tokens, marker) if marker else 0
-            out.append(Encoded(prompt_ids(tokenizer, text), list(tokens), topk_ids, topk_lps, start, option))
+            teacher_ids = prompt_ids(tokenizer, teacher_text) if teacher_text is not None else None
+            out.append(Encoded(prompt_ids(tokenizer, text), list(tokens), topk_ids, topk_lps, start, option,
+                               teacher_ids))
     return out
 
 
@@ -111,9 +117,25 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         for ids, lps in zip(e.topk_ids, e.topk_logprobs):
             topk_ids.append(ids + [ids[0]] * (k - len(ids)))
             topk_lps.append(lps + [float("-inf")] * (k - len(lps)))
+    teacher = _teacher_inputs(batch, pad_id) if batch[0].teacher_prompt_ids is not None else {}
     return {"input_ids": input_ids, "attention_mask": attention, "mask": mask, "targets": torch.tensor(targets),
             "topk_ids": torch.tensor(topk_ids), "topk_logprobs": torch.tensor(topk_lps, dtype=torch.float32),
-            "answer_mask": torch.tensor(answer, dtype=torch.bool), **collate_options(batch, pad_id)}
+            "answer_mask": torch.tensor(answer, dtype=torch.bool), **collate_options(batch, pad_id), **teacher}
+
+
+def _teacher_inputs(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """teacher_input_ids / teacher_attention_mask / teacher_mask: the teacher's own context plus the
+    response, laid out as the student's inputs are; its mask selects the same response tokens, in order."""
+    seq = max(len(e.teacher_prompt_ids) + len(e.token_ids) for e in batch)
+    input_ids = torch.full((len(batch), seq), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), seq), dtype=torch.long)
+    mask = torch.zeros((len(batch), seq), dtype=torch.bool)
+    for i, e in enumerate(batch):
+        p, r = len(e.teacher_prompt_ids), len(e.token_ids)
+        input_ids[i, : p + r] = torch.tensor(e.teacher_prompt_ids + e.token_ids)
+        attention[i, : p + r] = 1
+        mask[i, p - 1 : p - 1 + r] = True
+    return {"teacher_input_ids": input_ids, "teacher_attention_mask": attention, "teacher_mask": mask}
 
 
 def response_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Each shuffled batch is collated once and handed to each student in turn, so adding a
 student costs its own forward/backward only. Students learn from the stored tokens and top-k
-log-probs; only with training.loss.hidden is the teacher model kept, to run one no-grad forward
-per micro-batch whose hidden states every student's hidden term reads (engine/train/hidden.py).
+log-probs (or sampled draws: engine/train/sampled.py); only with training.loss.hidden or
+training.teacher_signal: online is the teacher model kept, to run one no-grad forward per micro-batch
+whose hidden states or full-vocabulary log-probs every student reads (engine/train/hidden.py, online.py).
 
 An optimizer step takes batch_size * grad_accum examples as grad_accum micro-batches, each
 weighted by its share of the response tokens (the gradient of one batch holding them all).
@@ -36,9 +37,11 @@ from engine.models import load_causal_lm, set_threads
 from engine.spec import Loss, Spec, SpecError, Student
 from engine.train.data import collate, encode, response_logits, student_conversations
 from engine.train.device import autocast, autocast_dtype, resolve_device, to_device
-from engine.train.hidden import HiddenDistill, check_teacher_layers, decoder_layers, with_teacher_hidden
+from engine.train.hidden import HiddenDistill, check_teacher_layers, decoder_layers
 from engine.train.losses import distillation_loss
+from engine.train.online import EachPass, check_online, online_distillation_loss, peak_memory, with_teacher_signal
 from engine.train.options import option_targets, option_token_ids, with_option_kd
+from engine.train.sampled import check_sampled_training, sampled_distillation_loss
 from engine.train.students import build_student, lr_depths
 from engine.train.vocab import dataset_ids, remap_for
 
@@ -94,7 +97,20 @@ def token_weights(batch: dict[str, torch.Tensor], loss: Loss) -> torch.Tensor | 
     return torch.where(batch["answer_mask"], loss.answer_weight, loss.reasoning_weight)
 
 
-def _loss(model, batch: dict[str, torch.Tensor], loss: Loss, hard_weight: float, temperature: float):
+def _loss(model, batch: dict[str, torch.Tensor], loss: Loss, hard_weight: float, temperature: float,
+          targets: str = "topk"):
+    """targets: what the KD term reads: the stored top-k ("topk"), stored draws ("sampled",
+    engine/train/sampled.py) or the live teacher's full vocabulary ("online", engine/train/online.py)."""
+    if targets == "online":
+        return online_distillation_loss(
+            response_logits(model, batch), batch["teacher_log_probs"], batch["targets"], kd_weight=loss.kd_weight,
+            hard_weight=hard_weight, temperature=temperature, divergence=loss.divergence, beta=loss.beta,
+            weights=token_weights(batch, loss), kd_mask=batch.get("token_kd"))
+    if targets == "sampled":  # checked before training: forward KL at T = 1, no trimmed vocabulary
+        return sampled_distillation_loss(
+            response_logits(model, batch), batch["topk_ids"], batch["topk_logprobs"], batch["targets"],
+            kd_weight=loss.kd_weight, hard_weight=hard_weight, weights=token_weights(batch, loss),
+            kd_mask=batch.get("token_kd"))
     batch = remap_for(model, batch)  # a trimmed vocabulary: teacher ids -> the student's (engine/train/vocab.py)
     return distillation_loss(response_logits(model, batch), batch["topk_ids"], batch["topk_logprobs"],
                              batch["targets"], kd_weight=loss.kd_weight, hard_weight=hard_weight,
@@ -128,6 +144,7 @@ class Trainee:
     components: dict[str, list[float]] = field(default_factory=dict)
     hidden: HiddenDistill | None = None  # training.loss.hidden: layer map and projections (not saved)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    targets: str = "topk"  # what the KD term reads (_loss): topk, sampled or online
 
     # What a checkpoint keeps of a trainee beside its model, optimizer, scheduler and projections.
     RECORDS = ("losses", "lrs", "temperatures", "hard_weights", "grad_norms", "val_losses", "components", "tokens",
@@ -136,7 +153,7 @@ class Trainee:
     @classmethod
     def create(cls, spec: Spec, student: Student, teacher, tokenizer, total_steps: int,
                calibration: list[list[int]] | None = None, used_ids: set[int] | None = None,
-               device: torch.device | None = None) -> "Trainee":
+               device: torch.device | None = None, targets: str = "topk") -> "Trainee":
         model = build_student(spec, student, teacher, tokenizer, calibration, used_ids)
         device = device or torch.device("cpu")
         model.to(device)  # on the CPU: nothing moves
@@ -157,7 +174,7 @@ class Trainee:
         factor = lr_schedule(total_steps, opt.warmup_steps, opt.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         model.train()
-        return cls(student, model, optimizer, scheduler, opt.lr, hidden=hidden, device=device)
+        return cls(student, model, optimizer, scheduler, opt.lr, hidden=hidden, device=device, targets=targets)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer trains: the student's parameters, then its hidden-state projections."""
@@ -226,7 +243,7 @@ class Trainee:
         whose mapped layers' outputs the hidden term reads through hooks."""
         hooks = self.hidden.capture(self.model, batch["mask"]) if self.hidden is not None else contextlib.nullcontext()
         with autocast(self.device), hooks as states:
-            parts = _loss(self.model, batch, loss_spec, hard_weight, temperature)
+            parts = _loss(self.model, batch, loss_spec, hard_weight, temperature, self.targets)
         with autocast(self.device):  # kd_target: options: the option sequences' forward, outside the hooks
             parts = with_option_kd(parts, self.model, batch, loss_spec, temperature)
         hidden = self.hidden(states, batch["teacher_hidden"]) if self.hidden is not None else None
@@ -266,18 +283,25 @@ class Trainee:
 
 
 def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progress: bool = True,
-                   checkpoints=None) -> dict[str, dict]:
+                   checkpoints=None, logprobs_mode: str = "topk") -> dict[str, dict]:
     """Train every student of the spec on the train split; save each to out_dir/<name>/.
 
     checkpoints: the run's RunCheckpoints (engine/train/checkpoint.py), held open by the caller. Every
     training.checkpoint_every optimizer steps the whole training state is saved there, and a checkpoint
     found there is resumed from: the run then ends with exactly the weights of an uninterrupted one.
+    logprobs_mode: what the dataset's topk_* columns hold (its teach stage's lineage: engine.train.runs.logprobs_mode).
     """
     where = spec.path or "<spec>"
     if not spec.students:
         raise SpecError(f"{where}: students: the spec names no student to train")
     cfg = spec.training
     device = resolve_device(cfg.device, where)
+    online = cfg.teacher_signal == "online"
+    if online:
+        check_online(spec.students, where)
+    elif logprobs_mode == "sampled":
+        check_sampled_training(cfg.loss, where, spec.students)
+    targets = "online" if online else logprobs_mode
     patience = cfg.early_stopping.patience if cfg.early_stopping else None
     keep_best = (cfg.keep or ("best" if cfg.early_stopping else "last")) == "best"
     train = examples.filter(pl.col("split") == "train")
@@ -287,13 +311,16 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
     if cfg.loss.hidden is not None:  # before any student is built: a bad teacher layer fails at once
         check_teacher_layers(cfg.loss.hidden.layer_map, len(decoder_layers(teacher)), where)
     marker = answer_marker(spec)
+    from engine.stages.teach import teacher_contexts  # here, not above: engine.stages imports the trainer
+
     texts = student_conversations(train, spec)
-    encoded = encode(train, tokenizer, texts, marker, options=option_targets(train, spec, tokenizer, texts, train=True))
+    encoded = encode(train, tokenizer, texts, marker, options=option_targets(train, spec, tokenizer, texts, train=True),
+                     teacher_texts=teacher_contexts(train, spec) if online else None)
     if not encoded:
         raise SpecError(f"{where}: training: the train split has no example with teacher tokens to learn from")
     val_texts = student_conversations(val, spec) if val.height else []
-    val_encoded = encode(val, tokenizer, val_texts, marker,
-                         options=option_targets(val, spec, tokenizer, val_texts)) if val.height else []
+    val_encoded = encode(val, tokenizer, val_texts, marker, options=option_targets(val, spec, tokenizer, val_texts),
+                         teacher_texts=teacher_contexts(val, spec) if online else None) if val.height else []
     if (patience is not None or keep_best) and not val_encoded:
         what = "early_stopping" if patience is not None else "keep: best"
         raise SpecError(f"{where}: training.{what} needs the val loss, and the val split has no example "
@@ -307,20 +334,27 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
     calibration = [e.prompt_ids + e.token_ids for e in encoded]  # where from_teacher pruning measures importance
     # What a trimmed vocabulary must keep: the ids the examples use, and with kd_target: options their options'.
     used_ids = dataset_ids(encoded + val_encoded) | option_token_ids(encoded + val_encoded)
-    trainees = [Trainee.create(spec, s, teacher, tokenizer, total_steps, calibration, used_ids, device=device)
-                for s in spec.students]
+    trainees = [Trainee.create(spec, s, teacher, tokenizer, total_steps, calibration, used_ids, device=device,
+                               targets=targets) for s in spec.students]
     for t in trainees:  # what pruning kept and why (also in metrics.json under "pruning")
         if progress and getattr(t.model, "pruning_report", None):
             print(t.model.pruning_report["summary"], file=sys.stderr)
     # The teacher layers some student's hidden term reads; none: students learn from stored log-probs alone.
     teacher_layers = sorted({layer for t in trainees if t.hidden is not None for layer in t.hidden.layer_map.values()})
-    if teacher_layers:
+    if teacher_layers or online:
         teacher.to(device).requires_grad_(False)  # kept, in eval mode, for one no-grad forward per micro-batch
     else:
         del teacher  # free its memory for training
+    teacher_seconds = 0.0  # the live teacher's forwards (online / hidden), shared by every student
 
     def with_teacher(batches: list[dict]) -> list[dict]:
-        return [with_teacher_hidden(teacher, b, teacher_layers) for b in batches] if teacher_layers else batches
+        nonlocal teacher_seconds
+        if not (teacher_layers or online):
+            return batches
+        began = time.perf_counter()
+        out = [with_teacher_signal(teacher, b, teacher_layers, online) for b in batches]
+        teacher_seconds += time.perf_counter() - began
+        return out
 
     rng = np.random.default_rng(cfg.seed)  # batch order
     torch.manual_seed(cfg.seed)  # anything stochastic inside a student (dropout)
@@ -384,7 +418,8 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
                 if every and step % every == 0 and step < total_steps:
                     save_checkpoint()
             if val_batches:  # after each epoch (or the partial one max_steps ended)
-                batches = with_teacher(val_batches)
+                # online: each val batch meets the teacher as it is read (one [N, V] target held at a time)
+                batches = EachPass(val_batches, lambda b: with_teacher([b])[0]) if online else with_teacher(val_batches)
                 for t in trainees:
                     if t.active:
                         t.after_epoch(t.validate(batches, spec, total_steps), step / steps_per_epoch,
@@ -395,7 +430,10 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
     run = {"device": str(device), "autocast": str(autocast_dtype(device)).removeprefix("torch.") if
            autocast_dtype(device) else None, "resumed_from_step": resumed_from,
            "checkpoints": {"every": every, "written": checkpoints.written, "seconds": round(checkpoints.seconds, 3),
-                           "bytes": checkpoints.bytes} if checkpoints is not None else None}
+                           "bytes": checkpoints.bytes} if checkpoints is not None else None,
+           # What the KD term read: the stored top-k or draws (targets: topk | sampled), or the live teacher.
+           "teacher_signal": cfg.teacher_signal, "targets": targets,
+           "teacher_forward_seconds": round(teacher_seconds, 3), "peak_memory": peak_memory(device)}
 
     out_dir = Path(out_dir)
     results = {}
@@ -461,6 +499,7 @@ def _metrics(t: Trainee, spec: Spec, n_examples: int, steps_per_epoch: int, run_
         "kept": "best" if keep_best and t.best_state is not None else "last",  # whose weights were saved
         "pruning": getattr(t.model, "pruning_report", None),  # from_teacher: what was kept and why
         "wall_seconds": round(t.seconds, 3),  # this student's own forward/backward/step time
+        "seconds_per_step": round(t.seconds / steps, 4) if steps else None,  # of wall_seconds
         "val_seconds": round(t.val_seconds, 3),
         "run_seconds": round(run_seconds, 3),  # the whole shared pass
     }

@@ -65,6 +65,8 @@ def _training_shaping(training) -> dict:
     as the student reads them (inherited from the teacher where unset)."""
     shaping = training.model_dump(mode="json", exclude={"seeds", "checkpoint_every", "device", "student_chat",
                                                         "student_system", "student_messages"})
+    if shaping.get("teacher_signal") == "stored":  # the default: runs named before online existed keep their ids
+        shaping.pop("teacher_signal")
     if shaping["loss"].get("hidden") is None:
         shaping["loss"].pop("hidden", None)
     for weight in ("reasoning_weight", "answer_weight"):  # token weights at 1: as before they existed
@@ -127,7 +129,8 @@ def train(spec, st, dataset: str | None = None, *, progress: bool = True) -> Tra
     checkpoints = RunCheckpoints.for_run(st.root, run_id, key=f"{version.ref}:{training_hash(spec)}")
     try:
         with checkpoints, st.staging(f"train-{run_id}") as staging:
-            metrics = train_students(spec, examples, staging, progress=progress, checkpoints=checkpoints)
+            metrics = train_students(spec, examples, staging, progress=progress, checkpoints=checkpoints,
+                                     logprobs_mode=logprobs_mode(version.stats))
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(run_dir, ignore_errors=True)
             staging.rename(run_dir)
@@ -142,6 +145,13 @@ def train(spec, st, dataset: str | None = None, *, progress: bool = True) -> Tra
         raise Interrupted(f"training on {version.ref} finished but not all its students were recorded; "
                           "`syllabus train` again records them") from None
     return TrainResult(version.ref, run_id, run_dir, names, created=True)
+
+
+def logprobs_mode(stats: dict) -> str:
+    """What a version's topk_* columns hold, from its teach stage's lineage stats: "topk" or "sampled"
+    (versions committed before the mode was recorded held top-k)."""
+    teach = stats.get("teach") if isinstance(stats, dict) else None
+    return (teach or {}).get("logprobs_mode", "topk") if isinstance(teach, dict) else "topk"
 
 
 def _use_store(spec, st) -> None:
