@@ -112,6 +112,24 @@ def edit_spec(project, **changes) -> None:
     (project / "spec.yaml").write_text(yaml.safe_dump(spec))
 
 
+def interrupt_teacher_at(monkeypatch, batch: int):
+    """The local teacher is interrupted (KeyboardInterrupt) at its `batch`-th generate batch (1-based).
+    Returns a function that puts the real one back."""
+    from engine.teachers.transformers_backend import TransformersTeacher
+
+    real = TransformersTeacher._generate_batch
+    batches = []
+
+    def interrupted(self, *args, **kwargs):
+        batches.append(1)
+        if len(batches) == batch:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransformersTeacher, "_generate_batch", interrupted)
+    return lambda: monkeypatch.setattr(TransformersTeacher, "_generate_batch", real)
+
+
 def tiny_train_spec(teacher_dir, students: list[dict], backend: str = "transformers", **training):
     """A spec over the tiny teacher for training tests: its students and training fields as given."""
     from engine.spec import parse_spec

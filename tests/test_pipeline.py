@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from conftest import edit_spec
+from conftest import edit_spec, interrupt_teacher_at
 
 import store
 from engine.curate import pipeline
@@ -144,23 +144,12 @@ def test_plan_is_exact_when_embeddings_are_cached(project, monkeypatch):
 def test_an_interrupt_loses_only_the_batch_in_flight(project, monkeypatch):
     """Every answered batch is committed at once, not only at the end of a chunk of batches."""
     from engine.errors import Interrupted
-    from engine.teachers.transformers_backend import TransformersTeacher
-
     monkeypatch.chdir(project)
-    real = TransformersTeacher._generate_batch
-    batches = []
-
-    def third_batch_is_interrupted(self, *args, **kwargs):
-        batches.append(1)
-        if len(batches) == 3:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(TransformersTeacher, "_generate_batch", third_batch_is_interrupted)
+    restore = interrupt_teacher_at(monkeypatch, 3)
     with pytest.raises(Interrupted):
         run(project)
     assert cached_answers(project) == 2 * 2  # two answered batches of batch_size 2
-    monkeypatch.setattr(TransformersTeacher, "_generate_batch", real)
+    restore()
     assert run(project).teacher_calls == N_PROMPTS - 4
 
 

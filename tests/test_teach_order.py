@@ -6,6 +6,7 @@ import polars as pl
 import pytest
 import yaml
 from conftest import edit_spec as edit
+from conftest import interrupt_teacher_at
 
 import store
 from engine.curate import pipeline
@@ -100,24 +101,13 @@ def test_ordered_teaching_pays_fewer_calls_for_the_same_quotas(project):
 
 
 def test_an_interrupted_ordered_run_pays_nothing_twice(project, monkeypatch):
-    from engine.teachers.transformers_backend import TransformersTeacher
-
     capped_spec(project)
     edit(project, **{"teach.order": "selection"})
     whole = run(project, "whole").teacher_calls
-    real = TransformersTeacher._generate_batch
-    batches = []
-
-    def interrupted(self, *args, **kwargs):
-        batches.append(1)
-        if len(batches) == 4:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(TransformersTeacher, "_generate_batch", interrupted)
+    restore = interrupt_teacher_at(monkeypatch, 4)
     with pytest.raises(Interrupted):
         run(project, "resumed")
-    monkeypatch.setattr(TransformersTeacher, "_generate_batch", real)
+    restore()
     resumed = run(project, "resumed")
     assert resumed.teacher_calls == whole - 3 * 4  # three answered batches of 4 were cached
     same = [store.open(project / s).read("ordered@1", "examples").sort("prompt_id")["prompt_id"].to_list()

@@ -145,14 +145,9 @@ def ask_samples(ctx: RunContext, prompts: list, label: str = "teach") -> tuple[l
 
 def _generate(todo: list[tuple[str, str | Conversation]], ctx: RunContext, cache: TeacherCache, label: str,
               max_new_tokens: int | None = None) -> dict:
-    if ctx.teacher is None:
-        teacher = ctx.spec.teacher
-        if teacher.backend == "transformers":  # a CUDA device this machine lacks: one line, before the load
-            from engine.train.device import resolve_device
-
-            resolve_device(teacher.device, str(getattr(ctx.spec, "path", None) or "<spec>"), "teacher.device")
+    if ctx.teacher is None:  # (a CUDA teacher.device this machine lacks fails in preflight and in the backend)
         began = time.perf_counter()
-        ctx.teacher = load_teacher(teacher)
+        ctx.teacher = load_teacher(ctx.spec.teacher)
         ctx.counters["teacher_load_seconds"] = time.perf_counter() - began
     # Everything to be asked goes to the teacher in one call, so it batches prompts of like length across
     # all of them (and runs their shared prefix once); each answered batch is committed, timed and shown.
