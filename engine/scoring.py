@@ -101,7 +101,7 @@ def score(answers: list[str], gold: list[str | None], categories: list[str | Non
         "answers": dict(sorted(shown_all.items(), key=lambda item: (-item[1], item[0]))),
         "top_answer": {"answer": top, "share": share, "count": top_n},
         "one_answer": bool(share is not None and len(answers) > 1 and share >= ONE_ANSWER_SHARE),
-        "correct_rows": correct,  # per labelled row, for retention's bootstrap; dropped before saving
+        "correct_rows": correct,  # per labelled row: retention's bootstrap; saved as eval's correct_by_row
     }
     if reference is not None:
         same = sum(a == t for a, t in zip(answers, reference))

@@ -460,7 +460,7 @@ def test_evaluate_reports_teacher_then_students(trained, tiny_examples, tiny_llm
         assert r["n"] == 4 and r["accuracy_ci"] == pytest.approx(wilson(r["correct"], 4))
         assert r["baseline"] == {"label": "no", "n": 4, "correct": 2, "accuracy": 0.5, "ci": wilson(2, 4)}
         assert sum(sum(row.values()) for row in r["confusion"].values()) == 4
-        assert "correct_rows" not in r
+        assert "correct_rows" not in r and len(r["correct_by_row"]) == 4 and r["correct_by_row"].count("1") == r["correct"]
     assert teacher["confusion"]["no"] == {"no answer": 2}  # the teacher never says "no"
     assert itself["retention_ci"] == [1.0, 1.0]  # the same answers on every resample
     for r in rows[1:]:

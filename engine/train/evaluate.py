@@ -262,7 +262,9 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
             del model
     for report in reports:
         for row in report["models"]:
-            row.pop("correct_rows", None)
+            # Saved compactly, one character per labelled row in the set's order: paired comparisons of
+            # two runs on the same rows (bench/quality.py) need each row's outcome, not only the counts.
+            row["correct_by_row"] = "".join("1" if c else "0" for c in row.pop("correct_rows", []))
         report["seeds"] = summarise_seeds(report["models"])
     return reports
 

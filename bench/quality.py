@@ -1,0 +1,479 @@
+"""What each data and loss lever is worth: ablations at equal data size and steps, over seeds.
+
+    .venv/bin/python bench/quality.py [--spec specs/bench/topic.yaml --spec specs/bench/sentiment.yaml]
+                                      [--seeds 0,1,2] [--only ARMS] [--quick] [--store out/bench-store]
+    .venv/bin/python bench/quality.py --show out/bench/quality-TIME.json     # the tables again
+
+Per spec, the spec as written is the `base` arm: curated as `syllabus run` does (into the bench's
+store: teacher answers and embeddings are cached there, so every other arm, and a second run, pays
+only for what is new), then one student (the demo's `tenth`: pruned from the teacher to about a
+tenth, trimmed vocabulary) is trained per seed and evaluated. Every other arm changes one lever:
+
+    hard          hard labels only (kd_weight 0, hard_weight 1) instead of the spec's KD mix
+    T1, T2, T5    the KD temperature (the one equal to the spec's own is the base)
+    random        no mining band and no cluster balancing: a seeded random choice from the same pool
+    no-dedup      no semantic dedup and no cluster balancing
+    no-variations without the teacher-written variations (augment entries with teacher: true)
+    options-kd    KD on the teacher's option distribution instead of its token top-k (loss.kd_target:
+                  options), where the spec gives a fixed answer set
+
+Equal data size and steps: a curation arm keeps, per category, as many train and val rows as the
+base kept (coverage max set to the base's counts), and every arm trains for the base's number of
+optimizer steps (training.max_steps). An arm the spec gives nothing to change for (no variations
+by the teacher, no answer set) is listed as not applicable.
+
+Every arm is scored on the same rows: the base version's own test split (drawn before the teacher
+answered, never mined: the in-distribution set) and each of the spec's eval.sources (wording held
+out from curation). Per arm and set: accuracy and retention (student / teacher accuracy on the same
+rows) as the mean over seeds with the 95% interval averaged over seeds and the min-max over seeds;
+and against the base, the change in retention with a 95% paired bootstrap interval over rows (each
+row's outcome averaged over seeds). The verdict says "gain" or "loss" only where that interval
+excludes 0, and "no clear difference" otherwise.
+
+Output: a JSON file of every figure (out/bench/quality-TIME.json) and a markdown table, printed and
+written beside it. --quick: seeds 0 and 1, at most QUICK_STEPS steps, small calibration: a smoke
+run of the whole shape in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+import store  # noqa: E402
+from engine.curate import pipeline  # noqa: E402
+from engine.models import set_threads  # noqa: E402
+from engine.spec import Spec, parse_spec  # noqa: E402
+from engine.train import runs  # noqa: E402
+
+DEFAULT_SPECS = ["specs/bench/topic.yaml", "specs/bench/sentiment.yaml"]
+# The demo's `tenth` (specs/demo.yaml): what a user would train.
+STUDENT = {"name": "tenth", "from_teacher": {"keep_layers": 6, "hidden_size": 384, "intermediate_size": 1024,
+                                             "heads": 6, "kv_heads": 2, "vocab": {"keep_frequent": 2000}}}
+QUICK_STEPS, QUICK_CALIBRATION, QUICK_SEEDS = 12, 8, [0, 1]
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
+IN_DISTRIBUTION = "in-distribution"
+
+
+# --- arms ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Arm:
+    """One lever changed from the base: a change to the curation (raw spec -> raw spec), to the
+    training loss, or both; `applies` says why it cannot be run on a spec (None: it can)."""
+    name: str
+    what: str
+    curation: Callable[[dict], dict] | None = None
+    loss: dict = field(default_factory=dict)
+    applies: Callable[[dict], str | None] = lambda raw: None
+
+
+def _teacher_written(raw: dict) -> list[dict]:
+    return [a for a in raw.get("augment") or [] if a.get("teacher")]
+
+
+def _has_options(raw: dict) -> bool:
+    categories = (raw.get("coverage") or {}).get("categories") or {}
+    return any(s.get("options") for s in raw.get("sources") or []) or \
+        any((c or {}).get("options") for c in categories.values())
+
+
+def _one_cluster(raw: dict) -> dict:
+    """No cluster balancing: one cluster, so selection takes a seeded random order (and a spec with
+    teach.order: selection keeps the clusters it needs)."""
+    seed = (raw.get("diversity") or {}).get("seed", 0)
+    return {**raw, "diversity": {"clusters": 1, "seed": seed}}
+
+
+def _random(raw: dict) -> dict:
+    out = _one_cluster(raw)
+    out.pop("mining", None)
+    return out
+
+
+def _no_dedup(raw: dict) -> dict:
+    out = _one_cluster(raw)
+    dedup = dict(out.get("dedup") or {})
+    dedup.pop("semantic", None)
+    out["dedup"] = dedup
+    return out
+
+
+def _no_variations(raw: dict) -> dict:
+    kept = [a for a in raw.get("augment") or [] if not a.get("teacher")]
+    out = {k: v for k, v in raw.items() if k != "augment"}
+    return {**out, "augment": kept} if kept else out
+
+
+def temperature_arms(raw: dict) -> list[Arm]:
+    base_t = float(((raw.get("training") or {}).get("loss") or {}).get("temperature", 2.0))
+    return [Arm(f"T{t:g}", f"KD temperature {t:g} (base {base_t:g})", loss={"temperature": float(t)})
+            for t in (1, 2, 5) if not math.isclose(t, base_t)]
+
+
+def arms_for(raw: dict) -> list[Arm]:
+    return [
+        Arm("hard", "hard labels only: kd 0, hard 1", loss={"kd_weight": 0.0, "hard_weight": 1.0}),
+        *temperature_arms(raw),
+        Arm("random", "no band, no clusters: a random choice of the same size from the same pool", curation=_random,
+            applies=lambda r: None if r.get("mining") else "the spec mines no band"),
+        Arm("no-dedup", "no semantic dedup, no cluster balancing", curation=_no_dedup,
+            applies=lambda r: None if (r.get("dedup") or {}).get("semantic") or r.get("diversity")
+            else "the spec has neither semantic dedup nor clusters"),
+        Arm("no-variations", "without the teacher-written variations", curation=_no_variations,
+            applies=lambda r: None if _teacher_written(r) else "the spec has no teacher-written variations"),
+        Arm("options-kd", "KD on the option distribution, not the token top-k", loss={"kd_target": "options"},
+            applies=lambda r: None if _has_options(r) else "the spec gives no fixed answer set (options:)"),
+    ]
+
+
+# --- specs -----------------------------------------------------------------------------------
+
+
+def read_raw(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def equal_quotas(raw: dict, kept: dict[str, int]) -> dict:
+    """The raw spec with each category capped at the base's train+val count (equal data size)."""
+    out = copy.deepcopy(raw)
+    for name, category in out["coverage"]["categories"].items():
+        category = category or {}
+        for key in ("share", "min"):
+            category.pop(key, None)
+        category["max"] = max(1, kept.get(name, 0))
+        out["coverage"]["categories"][name] = category
+    out["coverage"].pop("total", None)
+    return out
+
+
+def bench_spec(raw: dict, path: Path, *, arm: str, loss: dict, steps: int | None, base_ref: str | None,
+               quick: bool, student: dict | None = None) -> Spec:
+    """The spec an arm curates and trains with: its own dataset name, the bench's student, the
+    shared eval sets (the base's test split first, then the spec's eval.sources)."""
+    out = copy.deepcopy(raw)
+    out["name"] = raw["name"] if arm == "base" else f"{raw['name']}-{arm}"
+    student = copy.deepcopy(student or STUDENT)
+    if quick and "from_teacher" in student:
+        student["from_teacher"]["calibration"] = QUICK_CALIBRATION
+    out["students"] = [student]
+    training = out.setdefault("training", {})
+    training.pop("seeds", None)
+    training["loss"] = {**(training.get("loss") or {}), **loss}
+    if quick:
+        steps = min(steps or QUICK_STEPS, QUICK_STEPS)
+    if steps is not None:
+        training["max_steps"] = steps
+        training["epochs"] = max(int(training.get("epochs", 1)), 1000)  # max_steps decides; the data is equal
+    evaluation = out.setdefault("eval", {})
+    sources = list(evaluation.get("sources") or [])
+    if base_ref is not None:
+        first = next(iter(raw.get("sources") or [{}]))
+        shared = {"from": base_ref, "where": "split = 'test'", "text": "prompt", "category": "category",
+                  "label": "label"}
+        if first.get("options"):
+            shared["options"] = first["options"]
+        sources = [shared] + sources
+    evaluation["sources"] = sources
+    evaluation["split"] = "val"  # every arm is scored on the shared sets above; its own val is small
+    evaluation["speed_prompts"] = 1
+    evaluation["speed_tokens"] = 4
+    return parse_spec(out, path=path)
+
+
+def train_steps(spec: Spec, train_rows: int) -> int:
+    per_epoch = -(-train_rows // spec.training.batch_size)
+    return max(1, spec.training.epochs * per_epoch) if not spec.training.max_steps else \
+        min(spec.training.max_steps, spec.training.epochs * per_epoch)
+
+
+def split_counts(st, ref: str) -> tuple[int, dict[str, int]]:
+    """Train rows, and train+val rows per category, of a version."""
+    examples = st.read(ref, "examples")
+    chosen = examples.filter(examples["split"] != "test")
+    per_category = dict(chosen.group_by("category").len().iter_rows())
+    return examples.filter(examples["split"] == "train").height, per_category
+
+
+# --- one arm ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """What every arm of a bench run shares."""
+    st: object  # the store
+    seeds: list[int]
+    quick: bool
+    progress: bool
+    student: dict
+    console: Console
+
+
+def run_arm(arm: Arm, raw: dict, path: Path, bench: Settings, base: dict | None) -> dict:
+    """Curate (when the arm changes curation), train per seed, evaluate on the shared sets."""
+    began = time.perf_counter()
+    st, seeds, progress = bench.st, bench.seeds, bench.progress
+    common = {"quick": bench.quick, "student": bench.student}
+    if base is None:
+        spec = bench_spec(raw, path, arm="base", loss={}, steps=None, base_ref=None, **common)
+    elif arm.curation is None:  # a training lever: the base's data
+        spec = bench_spec(raw, path, arm="base", loss=arm.loss, steps=base["steps"], base_ref=base["dataset"],
+                          **common)
+    else:
+        spec = bench_spec(equal_quotas(arm.curation(raw), base["kept_per_category"]), path, arm=arm.name,
+                          loss=arm.loss, steps=base["steps"], base_ref=base["dataset"], **common)
+    if base is not None and arm.curation is None:
+        dataset, calls, created = base["dataset"], 0, False
+    else:
+        curation = pipeline.run(spec, st, progress=progress, console=Console(stderr=True, quiet=not progress))
+        dataset, calls, created = f"{spec.name}@{curation.version}", curation.teacher_calls, curation.created
+    train_rows, per_category = split_counts(st, dataset)
+    out = {"arm": arm.name, "what": arm.what, "dataset": dataset, "train_rows": train_rows,
+           "kept_per_category": per_category, "teacher_calls": calls, "curation_created": created}
+    if base is None:  # the base decides the steps of all, and the shared in-distribution set
+        spec = bench_spec(raw, path, arm="base", loss={}, steps=train_steps(spec, train_rows), base_ref=dataset,
+                          **common)
+    out["steps"] = spec.training.max_steps
+    trained = runs.train_seeds(spec, st, dataset, seeds, progress=progress)
+    report, report_path = runs.evaluate(spec, st, dataset, seeds=seeds, progress=progress)
+    out.update(runs={str(seed): r.run_id for seed, r in trained}, eval_json=str(report_path),
+               sets=[set_figures(entry) for entry in report["sets"]],
+               seconds_per_step=_seconds_per_step(trained), wall_s=time.perf_counter() - began)
+    bench.console.print(f"  {arm.name}: {dataset}, {train_rows} train rows, {out['steps']} steps x {len(seeds)} seed(s), "
+                  f"{out['wall_s']:.0f} s", highlight=False)
+    return out
+
+
+def _seconds_per_step(trained) -> float | None:
+    values = []
+    for _, result in trained:
+        for name in result.students:
+            metrics = json.loads((result.run_dir / name / "metrics.json").read_text())
+            if metrics.get("seconds_per_step"):
+                values.append(metrics["seconds_per_step"])
+    return statistics.median(values) if values else None
+
+
+def set_figures(entry: dict) -> dict:
+    teacher = next(r for r in entry["models"] if r["kind"] == "teacher")
+    students = [r for r in entry["models"] if r["kind"] != "teacher"]
+    return {"name": entry["name"], "own_split": entry["kind"] == "split", "description": entry["description"], "n": teacher["n"],
+            "baseline": entry["baseline"], "teacher_accuracy": teacher["accuracy"],
+            "teacher_accuracy_ci": teacher["accuracy_ci"], "teacher_correct": teacher.get("correct_by_row", ""),
+            "accuracy": seed_figure(students, "accuracy", "accuracy_ci"),
+            "retention": seed_figure(students, "retention", "retention_ci"),
+            "correct_by_seed": {str(r["seed"]): r.get("correct_by_row", "") for r in students},
+            "one_answer_seeds": [r["seed"] for r in students if r.get("one_answer")]}
+
+
+def seed_figure(rows: list[dict], key: str, ci_key: str) -> dict:
+    """Mean over seeds, the 95% interval averaged over seeds, min-max over seeds."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    cis = [r[ci_key] for r in rows if r.get(ci_key)]
+    return {"mean": statistics.fmean(values) if values else None,
+            "ci": [statistics.fmean(c[0] for c in cis), statistics.fmean(c[1] for c in cis)] if cis else None,
+            "min": min(values) if values else None, "max": max(values) if values else None,
+            "per_seed": {str(r["seed"]): r.get(key) for r in rows}}
+
+
+# --- comparison with the base ---------------------------------------------------------------
+
+
+def row_means(correct_by_seed: dict[str, str]) -> np.ndarray | None:
+    """Each row's outcome averaged over seeds (None when the seeds' rows differ)."""
+    rows = [np.array([c == "1" for c in s], dtype=float) for s in correct_by_seed.values() if s]
+    if not rows or len({len(r) for r in rows}) != 1:
+        return None
+    return np.mean(rows, axis=0)
+
+
+def paired_change(arm: np.ndarray, base: np.ndarray, teacher_accuracy: float, *,
+                  resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """The change in retention from base to arm, with a 95% paired bootstrap interval over rows."""
+    diff = (arm - base) / teacher_accuracy
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"change": float(diff.mean()), "ci": [float(low), float(high)], "verdict": verdict(low, high)}
+
+
+def verdict(low: float, high: float) -> str:
+    if low > 0:
+        return "gain"
+    if high < 0:
+        return "loss"
+    return "no clear difference"
+
+
+def compare(arm: dict, base: dict) -> None:
+    """Adds each set's change against the base (same set name, same rows) to the arm's figures."""
+    by_name = {s["name"]: s for s in base["sets"]}
+    for figures in arm["sets"]:
+        other = by_name.get(figures["name"])
+        if other is None or figures["own_split"] or not figures["teacher_accuracy"]:
+            continue
+        mine, theirs = row_means(figures["correct_by_seed"]), row_means(other["correct_by_seed"])
+        if mine is None or theirs is None or len(mine) != len(theirs):
+            continue
+        figures["vs_base"] = paired_change(mine, theirs, figures["teacher_accuracy"])
+
+
+# --- one spec ---------------------------------------------------------------------------------
+
+
+def bench_one(path: Path, only: set[str] | None, bench: Settings) -> dict:
+    raw = read_raw(path)
+    if not raw.get("coverage"):
+        raise SystemExit(f"{path}: coverage: the quality bench needs coverage quotas to hold data size equal")
+    bench.console.print(f"[bold]{path}[/]", highlight=False)
+    result = {"spec": str(path), "seeds": bench.seeds, "quick": bench.quick, "student": bench.student, "arms": [],
+              "not_applicable": []}
+    base = run_arm(Arm("base", "the spec as written"), raw, path, bench, None)
+    result["arms"].append(base)
+    for arm in arms_for(raw):
+        if only and arm.name not in only:
+            continue
+        why = arm.applies(raw)
+        if why:
+            result["not_applicable"].append({"arm": arm.name, "what": arm.what, "why": why})
+            continue
+        figures = run_arm(arm, raw, path, bench, base)
+        compare(figures, base)
+        result["arms"].append(figures)
+    return result
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _figure(fig: dict) -> str:
+    text = _pct(fig["mean"])
+    if fig.get("ci"):
+        text += f" [{100 * fig['ci'][0]:.0f}–{100 * fig['ci'][1]:.0f}]"
+    if fig["min"] is not None and len(fig["per_seed"]) > 1:
+        text += f" ({100 * fig['min']:.0f}–{100 * fig['max']:.0f})"
+    return text
+
+
+def _change(figures: dict) -> str:
+    vs = figures.get("vs_base")
+    if not vs:
+        return "–"
+    return f"{100 * vs['change']:+.1f} [{100 * vs['ci'][0]:+.1f}, {100 * vs['ci'][1]:+.1f}] {vs['verdict']}"
+
+
+def set_label(name: str) -> str:
+    """in-distribution for the base's test split (the first shared source), held-out for the spec's own."""
+    return IN_DISTRIBUTION if "(from:" in name else "held-out " + name.split("(", 1)[-1].rstrip(")")
+
+
+def markdown(results: list[dict]) -> str:
+    lines = []
+    for result in results:
+        base = result["arms"][0]
+        shared = [s for s in base["sets"] if not s["own_split"]]
+        seeds = len(result["seeds"])
+        lines += [f"### {result['spec']} ({base['dataset']}, {seeds} seed(s){', quick' if result['quick'] else ''})",
+                  ""]
+        for s in shared:
+            base_line = s["baseline"]
+            lines.append(f"- {set_label(s['name'])}: n={s['n']}, teacher {_pct(s['teacher_accuracy'])} "
+                         f"[{100 * s['teacher_accuracy_ci'][0]:.0f}–{100 * s['teacher_accuracy_ci'][1]:.0f}]"
+                         + (f", majority class {_pct(base_line['accuracy'])}" if base_line else ""))
+        lines.append("")
+        header = ["arm", "train rows", "steps"]
+        for s in shared:
+            label = set_label(s["name"])
+            header += [f"{label} accuracy", f"{label} retention", f"{label} retention vs base"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for arm in result["arms"]:
+            by_name = {s["name"]: s for s in arm["sets"]}
+            cells = [f"{arm['arm']}: {arm['what']}", str(arm["train_rows"]), str(arm["steps"])]
+            for s in shared:
+                mine = by_name.get(s["name"])
+                cells += ["–"] * 3 if mine is None else [_figure(mine["accuracy"]), _figure(mine["retention"]),
+                                                         _change(mine)]
+            lines.append("| " + " | ".join(cells) + " |")
+        for skipped in result["not_applicable"]:
+            lines.append(f"| {skipped['arm']}: {skipped['what']} | not applicable: {skipped['why']} |"
+                         + " |" * (len(header) - 2))
+        lines.append("")
+    lines.append("accuracy: mean over seeds [95% Wilson interval, averaged over seeds] (min–max over seeds); "
+                 "retention: student / teacher accuracy on the same rows [95% paired bootstrap, averaged over seeds]; "
+                 "vs base: change in retention, points [95% paired bootstrap over rows, each row averaged over seeds]; "
+                 "a verdict of gain or loss only where that interval excludes 0.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", action="append", type=Path,
+                        help="spec to bench (repeatable; default: " + " and ".join(DEFAULT_SPECS) + ")")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (default 0,1,2)")
+    parser.add_argument("--only", help="arms to run besides the base, comma-separated (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: seeds {QUICK_SEEDS}, at most {QUICK_STEPS} steps")
+    parser.add_argument("--store", type=Path, default=Path("out/bench-store"),
+                        help="store the bench curates and trains into; cached across runs (default out/bench-store)")
+    parser.add_argument("--fresh", action="store_true", help="use a new temporary store: every cost is paid again")
+    parser.add_argument("--out", type=Path, help="JSON of every figure (default out/bench/quality-<time>.json)")
+    parser.add_argument("--student", type=json.loads, default=STUDENT,
+                        help="the student to train, as a spec writes it, in JSON (default: the demo's tenth)")
+    parser.add_argument("--progress", action="store_true", help="show the engine's progress bars")
+    parser.add_argument("--show", type=Path, help="print the table of an earlier run's JSON, run nothing")
+    args = parser.parse_args(argv)
+    console = Console(width=200) if not Console().is_terminal else Console()
+    if args.show:
+        print(markdown(json.loads(args.show.read_text())["specs"]))
+        return
+    seeds = QUICK_SEEDS if args.quick else list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
+    only = set(args.only.split(",")) if args.only else None
+    threads = set_threads()
+    console.print(f"{threads} torch thread(s); seeds {','.join(map(str, seeds))}{' (quick)' if args.quick else ''}",
+                  highlight=False)
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Settings(store.open(Path(tmp) / "store" if args.fresh else args.store), seeds, args.quick,
+                         args.progress, args.student, console)
+        results = [bench_one(path, only, bench) for path in (args.spec or map(Path, DEFAULT_SPECS))]
+    wall = time.perf_counter() - began
+    table = markdown(results)
+    print(table)  # as is: markdown, never wrapped
+    out = args.out or Path("out/bench") / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": threads, "seeds": seeds, "quick": args.quick, "wall_s": wall,
+                               "machine": machine(), "specs": results}, indent=2, default=str))
+    out.with_suffix(".md").write_text(table + "\n")
+    console.print(f"wall {wall:.0f} s; figures written to {out} and {out.with_suffix('.md')}", highlight=False)
+
+
+def machine() -> str:
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch threads {set_threads()}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""bench/quality.py: the ablation bench's shape on a tiny random teacher (its figures mean nothing here),
+and the paired comparison its verdicts rest on."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_change_counts_as_a_gain_only_when_its_interval_excludes_zero(quality):
+    base = np.array([1.0] * 20 + [0.0] * 20)
+    better = np.array([1.0] * 36 + [0.0] * 4)
+    gained = quality.paired_change(better, base, teacher_accuracy=0.8)
+    assert gained["change"] == pytest.approx((36 - 20) / 40 / 0.8)
+    assert gained["ci"][0] > 0 and gained["verdict"] == "gain"
+    assert quality.paired_change(base, better, teacher_accuracy=0.8)["verdict"] == "loss"
+    # One row moved either way: nothing to claim.
+    shuffled = base.copy()
+    shuffled[[0, 39]] = shuffled[[39, 0]]
+    assert quality.paired_change(shuffled, base, teacher_accuracy=1.0)["verdict"] == "no clear difference"
+
+
+def test_rows_are_averaged_over_seeds_only_when_the_seeds_scored_the_same_rows(quality):
+    assert list(quality.row_means({"0": "110", "1": "100"})) == [1.0, 0.5, 0.0]
+    assert quality.row_means({"0": "11", "1": "100"}) is None
+
+
+def test_equal_quotas_caps_each_category_at_the_base_count(quality):
+    raw = {"coverage": {"total": 100, "categories": {"a": {"share": 0.5}, "b": {"min": 3, "max": 50}}}}
+    capped = quality.equal_quotas(raw, {"a": 12, "b": 7})
+    assert capped["coverage"]["categories"] == {"a": {"max": 12}, "b": {"max": 7}}
+    assert "total" not in capped["coverage"] and raw["coverage"]["total"] == 100  # the original is untouched
+
+
+@pytest.fixture
+def project(tmp_path, tiny_llm_dir):
+    rows = [{"text": f"Is {i} an {'even' if i % 3 else 'odd'} number?", "kind": "even" if i % 2 else "odd",
+             "gold": "yes" if (i % 2 == 0) == (i % 3 == 0) else "no"} for i in range(40)]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held_out = [{"q": f"would you say {i} is even", "gold": "yes" if i % 2 == 0 else "no"} for i in range(100, 112)]
+    (tmp_path / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    (tmp_path / "rewrite.j2").write_text("Rewrite this question: {{ prompt }}")
+    spec = {
+        "name": "tinyq",
+        "teacher": {"model": str(tiny_llm_dir), "generation": {"max_new_tokens": 6}, "logprobs": {"top_k": 8},
+                    "batch_size": 8},
+        "sources": [{"path": "pool.jsonl", "text": "text", "category": "kind", "label": "gold",
+                     "options": ["yes", "no"]}],
+        "coverage": {"categories": {"even": {"max": 12}, "odd": {"max": 12}}},
+        "augment": [{"template": "rewrite.j2", "categories": ["even"], "teacher": True, "max_new_tokens": 8}],
+        "dedup": {"exact": True, "semantic": {"threshold": 0.99}},
+        "diversity": {"clusters": 2, "seed": 1},
+        "mining": {"confidence": "mean_token_prob", "band": [0.0, 0.9], "outside_band_keep": 0.5, "seed": 1},
+        "splits": {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 1},
+        "training": {"loss": {"kd_weight": 0.7, "hard_weight": 0.3, "temperature": 2.0}, "epochs": 2,
+                     "batch_size": 4},
+        "eval": {"sources": [{"path": "held_out.jsonl", "text": "q", "label": "gold"}]},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path
+
+
+def test_quick_run_has_every_arm_at_equal_size_and_steps_on_the_same_rows(quality, project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    out = project / "quality.json"
+    student = {"name": "half", "from_teacher": {"keep_layers": 2}}
+    quality.main(["--quick", "--spec", "spec.yaml", "--store", "store", "--out", str(out),
+                  "--student", json.dumps(student)])
+    result = json.loads(out.read_text())["specs"][0]
+    arms = {a["arm"]: a for a in result["arms"]}
+    assert set(arms) == {"base", "hard", "T1", "T5", "random", "no-dedup", "no-variations", "options-kd"}
+    base = arms["base"]
+    for arm in arms.values():
+        assert arm["steps"] == base["steps"] <= quality.QUICK_STEPS
+        assert set(arm["runs"]) == {"0", "1"}
+        # Equal data size: a curation arm never keeps more of a category than the base.
+        for category, n in arm["kept_per_category"].items():
+            assert n <= base["kept_per_category"][category]
+        # Every arm is scored on the same shared rows: the base's test split, then the held-out source.
+        shared = [(s["name"], s["n"]) for s in arm["sets"] if not s["own_split"]]
+        assert shared == [(s["name"], s["n"]) for s in base["sets"] if not s["own_split"]]
+        assert len(shared) == 2 and shared[1][1] == 12
+    assert arms["hard"]["dataset"] == base["dataset"]  # a training lever trains on the base's data
+    assert arms["random"]["dataset"].startswith("tinyq-random@")
+    table = out.with_suffix(".md").read_text()
+    for name in arms:
+        assert f"| {name}: " in table
+    assert table in capsys.readouterr().out
+
+
+def test_an_arm_the_spec_gives_nothing_to_change_is_listed_as_not_applicable(quality, project, monkeypatch):
+    monkeypatch.chdir(project)
+    raw = yaml.safe_load((project / "spec.yaml").read_text())
+    del raw["augment"], raw["sources"][0]["options"]
+    reasons = {a.name: a.applies(raw) for a in quality.arms_for(raw)}
+    assert "teacher-written" in reasons["no-variations"] and "answer set" in reasons["options-kd"]
+    assert reasons["random"] is None and reasons["hard"] is None
