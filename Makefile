@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup llama-server demo test bench clean
+.PHONY: setup llama-server browser demo test bench clean
 
 setup: $(STAMP)
 
@@ -52,8 +52,17 @@ demo: $(STAMP)
 	$(BIN)/syllabus run $(SPEC)
 	$(BIN)/syllabus train $(SPEC)
 	$(BIN)/syllabus eval $(SPEC)
+	$(BIN)/syllabus report $$($(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['name'])" $(SPEC))@latest
 
-test: $(STAMP) $(LLAMA_STAMP)
+# Debian's chromium, the headless browser tests/test_report.py opens the report in (playwright drives it;
+# its own browser download is not used). Installed once per machine; needs root and apt.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "make browser: cannot install chromium here (needs root and apt-get): install /usr/bin/chromium by hand; tests/test_report.py needs it"; fi; }
+
+test: $(STAMP) $(LLAMA_STAMP) browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -1,7 +1,7 @@
 """The `syllabus` command: parse, call one function, print.
 
 Each module registers its verbs on the shared app: curate (validate, plan, run, train,
-eval), datasets (versions, show, models, sql, diff, export, tag, gc, verify), init. Errors users
+eval), datasets (versions, show, models, sql, diff, export, tag, gc, verify), init, report. Errors users
 can fix (a bad spec, a missing file, an unknown version) print as one line, without a
 traceback, and exit with status 1.
 """
@@ -12,7 +12,7 @@ import sys
 
 from rich.markup import escape
 
-from engine.cli import curate, datasets, init  # noqa: F401  (each registers its verbs)
+from engine.cli import curate, datasets, init, report  # noqa: F401  (each registers its verbs)
 from engine.cli.common import app, err
 
 __all__ = ["app", "main"]

@@ -1,0 +1,651 @@
+"""`syllabus report NAME@V`: one self-contained HTML page about a dataset version and its students.
+
+Three steps, each its own group of functions: gather the figures from the store (the version's
+rows, rejections and lineage stats; a training run's metrics.json; its eval.json), draw each chart
+as inline SVG, and render templates/report.html.j2. Nothing is fetched when the page is opened: no
+script, font or stylesheet comes from elsewhere. A section without data says why in one line.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from engine.errors import SpecError, UserError
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "report.html.j2"
+SPLITS = ("train", "val", "test")
+HIST_BINS = 20
+
+
+# ---- gathering ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    """One part of the page: its figures, its chart(s), or `missing` (why there is nothing to show)."""
+
+    data: object = None
+    charts: list[str] = field(default_factory=list)
+    missing: str | None = None
+
+
+def version_spec(info):
+    """The spec the version was made from, parsed by today's rules; None when it no longer parses."""
+    from engine.spec import parse_spec
+
+    try:
+        data = yaml.safe_load(info.spec_text or "")
+        path = Path(info.lineage["spec_path"]) if info.lineage.get("spec_path") else None
+        return parse_spec(data, path=path, text=info.spec_text or "") if isinstance(data, dict) else None
+    except (yaml.YAMLError, SpecError):
+        return None
+
+
+def read_table(st, info, table: str, wanted: list[str]) -> pl.DataFrame | None:
+    """The columns of `wanted` the version's table has (None: no such table)."""
+    if table not in info.segments:
+        return None
+    have = set(pl.read_parquet_schema(info.segments[table][0].path)) if info.segments[table] else set()
+    return st.read(info, table, columns=[c for c in wanted if c in have] or None)
+
+
+def coverage(examples: pl.DataFrame, stats: dict, spec) -> list[dict]:
+    """Per category: rows per split, and its quota (what selection keeps at most over train and val)."""
+    if "category" not in examples.columns:
+        return []
+    quotas = _quotas(stats, spec)
+    frame = examples.with_columns(pl.col("category").fill_null("(none)"))
+    rows = []
+    for category in sorted(set(frame["category"].to_list()) | set(quotas)):
+        mine = frame.filter(pl.col("category") == category)
+        counts = {s: mine.filter(pl.col("split") == s).height if "split" in mine.columns else 0 for s in SPLITS}
+        if "split" not in mine.columns:
+            counts["train"] = mine.height
+        rows.append({"category": category, **counts, "total": mine.height, "quota": quotas.get(category)})
+    return rows
+
+
+def _quotas(stats: dict, spec) -> dict[str, int | None]:
+    """Quotas as selection recorded them in the lineage, else as the spec's coverage gives them."""
+    chosen = (stats.get("select") or {}).get("categories") if isinstance(stats.get("select"), dict) else None
+    if isinstance(chosen, dict) and chosen:
+        return {name: c.get("quota") for name, c in chosen.items() if isinstance(c, dict)}
+    if spec is not None and spec.coverage is not None and spec.coverage.categories:
+        from engine.stages.select import quotas
+
+        return {name: q.keep for name, q in quotas(spec.coverage).items()}
+    return {}
+
+
+def stage_order(spec, stats: dict) -> list[str]:
+    """The stages the version went through, in the order its spec ran them."""
+    from engine.stages import all_stages, stages_for
+
+    names = [s.name for s in stages_for(spec)] if spec is not None else [c.name for c in all_stages()]
+    ran = [n for n in names if isinstance(stats.get(n), dict)]
+    return ran + sorted(n for n, s in stats.items() if isinstance(s, dict) and "rows_out" in s and n not in ran)
+
+
+def funnel(stats: dict, rejections: pl.DataFrame | None, order: list[str]) -> list[dict]:
+    """Per stage: rows in and out, and its drops by kind of reason (from the rejections table)."""
+    from store.inspect import reason_kind
+
+    drops = pl.DataFrame(schema={"stage": pl.String, "kind": pl.String, "example": pl.String, "n": pl.UInt32})
+    if rejections is not None and rejections.height:
+        drops = (rejections.with_columns(kind=pl.col("reason").map_elements(reason_kind, return_dtype=pl.String))
+                 .group_by("stage", "kind").agg(example=pl.col("reason").first(), n=pl.len())
+                 .sort(["n", "kind"], descending=[True, False]))
+    rows = []
+    for name in order:
+        stage = stats.get(name) or {}
+        mine = drops.filter(pl.col("stage") == name)
+        reasons = [{"kind": k, "example": e, "n": int(n)} for k, e, n in mine.select("kind", "example", "n").iter_rows()]
+        rows.append({"stage": name, "rows_in": stage.get("rows_in"), "rows_out": stage.get("rows_out"),
+                     "dropped": sum(r["n"] for r in reasons), "reasons": reasons})
+    return rows
+
+
+def measure_column(columns: list[str], spec) -> str | None:
+    """The confidence column mining decided by; else mean token prob; else any conf_ column."""
+    wanted = [f"conf_{spec.mining.confidence}"] if spec is not None and spec.mining is not None else []
+    for name in [*wanted, "conf_mean_token_prob", *sorted(c for c in columns if c.startswith("conf_"))]:
+        if name in columns:
+            return name
+    return None
+
+
+def confidence_histogram(examples: pl.DataFrame, rejections: pl.DataFrame | None, column: str, spec,
+                         bins: int = HIST_BINS) -> dict:
+    """Kept rows (the version's examples) and rows mining dropped, binned by the teacher's confidence.
+
+    The rejections table keeps no score column: mining writes the score into each reason
+    ("conf_mean_token_prob 0.5411 outside band [...]"), which is read back here. Rows dropped later
+    (selection's quotas) have no recorded score and are counted apart.
+    """
+    from store.inspect import PROBABILITY
+
+    kept = [float(v) for v in examples[column].drop_nulls().to_list()]
+    rejected, unscored = [], 0
+    pattern = re.compile(rf"^{re.escape(column)} (\S+) outside band")
+    if rejections is not None:
+        for stage, reason in rejections.select("stage", "reason").iter_rows():
+            found = pattern.match(reason or "") if stage == "mine" else None
+            if found:
+                rejected.append(float(found.group(1)))
+            elif stage in ("mine", "select"):
+                unscored += 1
+    lo, hi = (0.0, 1.0) if column.removeprefix("conf_") in PROBABILITY else _span(kept + rejected)
+    edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
+    band = list(spec.mining.band) if spec is not None and spec.mining is not None else None
+    return {"measure": column, "edges": edges, "kept": _bin(kept, lo, hi, bins), "rejected": _bin(rejected, lo, hi, bins),
+            "band": band, "unscored_rejected": unscored}
+
+
+def _span(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return 0.0, 1.0
+    lo, hi = min(values), max(values)
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def _bin(values: list[float], lo: float, hi: float, bins: int) -> list[int]:
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, max(0, int((v - lo) / (hi - lo) * bins)))] += 1
+    return counts
+
+
+def cluster_sizes(examples: pl.DataFrame) -> list[dict]:
+    """Rows per diversity cluster, largest first."""
+    if "cluster" not in examples.columns or examples["cluster"].is_null().all():
+        return []
+    sizes = examples.drop_nulls("cluster").group_by("cluster").agg(n=pl.len()).sort(["n", "cluster"], descending=[True, False])
+    return [{"cluster": int(c), "n": int(n)} for c, n in sizes.iter_rows()]
+
+
+def augmentation_yield(examples: pl.DataFrame, rejections: pl.DataFrame | None, spec) -> list[dict]:
+    """Per template: variations made, kept in the version, and the teacher's accuracy on the kept ones."""
+    if "template_id" not in examples.columns:
+        return []
+    made = _variations_made(examples, rejections, spec)
+    from engine.teachers.answers import normalise_answer
+
+    labels = set(examples["label"].drop_nulls().to_list()) if "label" in examples.columns else set()
+    variations = examples.filter(pl.col("template_id").is_not_null())
+    rows = []
+    for template in sorted(set(variations["template_id"].to_list()) | set(made)):
+        mine = variations.filter(pl.col("template_id") == template)
+        graded = mine.filter(pl.col("label").is_not_null()) if labels and "answer" in mine.columns else mine.clear()
+        correct = sum(normalise_answer(a or "", labels) == normalise_answer(g, labels)
+                      for a, g in graded.select("answer", "label").iter_rows()) if graded.height else 0
+        rows.append({"template": template, "made": made.get(template), "kept": mine.height,
+                     "graded": graded.height, "correct": correct,
+                     "accuracy": correct / graded.height if graded.height else None})
+    return rows
+
+
+def _variations_made(examples: pl.DataFrame, rejections: pl.DataFrame | None, spec) -> dict[str, int]:
+    """Variations each template made in the first round: the rejections table keeps no template_id, so
+    this re-draws each augment entry's combinations over the originals that reached augmentation (they
+    depend on the entry and the parent's id only). Top-up rounds' variations are not counted."""
+    if spec is None or not spec.augment:
+        return {}
+    from engine.stages.augment import combinations, entries_for, template_id
+
+    originals = [examples.filter(pl.col("prompt_id") == pl.col("parent_id")).select("prompt_id", "category")]
+    if rejections is not None and rejections.height:
+        originals.append(rejections.filter((pl.col("prompt_id") == pl.col("parent_id"))
+                                           & ~pl.col("stage").is_in(["sources", "assign"])).select("prompt_id", "category"))
+    made: dict[str, int] = {}
+    for pid, category in pl.concat(originals).unique("prompt_id").iter_rows():
+        for entry in entries_for(spec, category):
+            for combo in combinations(entry, pid):
+                name = template_id(entry, combo)
+                made[name] = made.get(name, 0) + 1
+    return made
+
+
+# ---- training runs and eval ---------------------------------------------------------------------
+
+
+def pick_run(st, info, run: str | None) -> str | None:
+    """--train RUN (checked against the store), else the latest run trained on this version, if any."""
+    mine = st.models(info.dataset, info.version)
+    if run is None:
+        return mine[-1]["run_id"] if mine else None
+    if any(m["run_id"] == run for m in mine):
+        return run
+    elsewhere = [m["ref"] for m in st.models() if m["run_id"] == run]
+    if elsewhere:
+        raise UserError(f"--train {run}: that run was trained on {elsewhere[0]}, not {info.ref}")
+    known = ", ".join(dict.fromkeys(m["run_id"] for m in mine)) or "none"
+    raise UserError(f"--train {run}: no such training run in {st.root} (runs on {info.ref}: {known})")
+
+
+def training_curves(st, info, run_id: str) -> list[dict]:
+    """Per student of the run: its training loss, each loss component and the val loss, by step."""
+    students = []
+    for m in st.models(info.dataset, info.version):
+        if m["run_id"] != run_id:
+            continue
+        metrics = m["metrics"] or {}
+        students.append({
+            "student": m["student"], "params": metrics.get("params"), "steps": metrics.get("steps"),
+            "loss": _points(metrics.get("loss_curve")),
+            "components": {name: _points(curve) for name, curve in (metrics.get("loss_components") or {}).items()},
+            "val": [(float(step), float(loss)) for _, step, loss in metrics.get("val_losses") or []],
+        })
+    return students
+
+
+def _points(curve) -> list[tuple[float, float]]:
+    return [(float(x), float(y)) for x, y in curve or [] if y is not None and math.isfinite(y)]
+
+
+def find_eval(st, run_id: str) -> tuple[dict, Path] | None:
+    """The run's eval.json: beside its models, else the newest report over several seeds naming it."""
+    own = st.root / "models" / run_id / "eval.json"
+    if own.is_file():
+        return json.loads(own.read_text()), own
+    found = []
+    for path in (st.root / "models").glob("*/eval.json"):
+        report = json.loads(path.read_text())
+        if run_id in (report.get("runs") or {}).values():
+            found.append((path.stat().st_mtime, report, path))
+    return (max(found, key=lambda f: f[0])[1:]) if found else None
+
+
+def eval_models(entry: dict) -> list[dict]:
+    """One row per model of an eval set: the teacher, then each student (its mean over seeds, with several)."""
+    teacher = [m for m in entry["models"] if m["kind"] == "teacher"]
+    if entry.get("seeds"):
+        students = [{**s, "accuracy": s["accuracy"]["mean"], "retention": (s.get("retention") or {}).get("mean"),
+                     "agreement": (s.get("agreement") or {}).get("mean"), "token_kl": (s.get("token_kl") or {}).get("mean"),
+                     "accuracy_ci": [s["accuracy"]["min"], s["accuracy"]["max"]], "spread": True}
+                    for s in entry["seeds"]]
+    else:
+        students = [m for m in entry["models"] if m["kind"] != "teacher"]
+    return teacher + students
+
+
+# ---- charts (inline SVG) ------------------------------------------------------------------------
+
+W, H = 680, 300
+PAD = {"left": 64, "right": 20, "top": 48, "bottom": 56}
+COLOURS = {"train": "#4c78a8", "val": "#72b7b2", "test": "#f58518", "kept": "#4c78a8", "rejected": "#e45756",
+           "made": "#bab0ac", "teacher": "#e45756", "student": "#4c78a8", "band": "#fdf0c2", "quota": "#222"}
+SERIES = ["#4c78a8", "#f58518", "#54a24b", "#b279a2", "#9d755d", "#ff9da6", "#72b7b2"]
+
+
+def esc(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round tick values covering [lo, hi]."""
+    if hi <= lo:
+        hi = lo + 1
+    raw = (hi - lo) / n
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if raw <= m * step)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000:
+        return f"{v / 1000:g}k"
+    return f"{v:.3g}"
+
+
+def svg(chart_id: str, title: str, body: str, x_label: str, y_label: str, *, width: int = W, height: int = H,
+        legend: list[tuple[str, str]] = ()) -> str:
+    """A chart: its title, axis labels and legend around `body`."""
+    items, x = [], PAD["left"]
+    for name, colour in legend:  # one row under the title, left to right
+        items.append(f'<rect x="{x}" y="{PAD["top"] - 16}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{x + 14}" y="{PAD["top"] - 7}" class="legend">{esc(name)}</text>')
+        x += 24 + 6 * len(name)
+    return (f'<svg id="{chart_id}" class="chart" role="img" aria-label="{esc(title)}" viewBox="0 0 {width} {height}" '
+            f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+            f'<title>{esc(title)}</title><text x="{PAD["left"]}" y="18" class="title">{esc(title)}</text>{"".join(items)}'
+            f'{body}<text x="{(PAD["left"] + width - PAD["right"]) / 2}" y="{height - 10}" class="axis-label" '
+            f'text-anchor="middle">{esc(x_label)}</text><text transform="translate(16 {(PAD["top"] + height - PAD["bottom"]) / 2})'
+            f' rotate(-90)" class="axis-label" text-anchor="middle">{esc(y_label)}</text></svg>')
+
+
+@dataclass
+class Frame:
+    """The plotting area and its linear scales."""
+
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+    width: int = W
+    height: int = H
+
+    @property
+    def left(self):
+        return PAD["left"]
+
+    @property
+    def right(self):
+        return self.width - PAD["right"]
+
+    @property
+    def top(self):
+        return PAD["top"]
+
+    @property
+    def bottom(self):
+        return self.height - PAD["bottom"]
+
+    def x(self, v: float) -> float:
+        return self.left + (v - self.x0) / ((self.x1 - self.x0) or 1) * (self.right - self.left)
+
+    def y(self, v: float) -> float:
+        return self.bottom - (v - self.y0) / ((self.y1 - self.y0) or 1) * (self.bottom - self.top)
+
+    def y_axis(self, fmt_tick=fmt) -> str:
+        parts = [f'<line x1="{self.left}" y1="{self.top}" x2="{self.left}" y2="{self.bottom}" class="axis"/>']
+        for t in nice_ticks(self.y0, self.y1):
+            if self.y0 - 1e-9 <= t <= self.y1 + 1e-9:
+                y = self.y(t)
+                parts.append(f'<line x1="{self.left}" y1="{y:.1f}" x2="{self.right}" y2="{y:.1f}" class="grid"/>'
+                             f'<text x="{self.left - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">{fmt_tick(t)}</text>')
+        return "".join(parts)
+
+    def x_axis(self, fmt_tick=fmt) -> str:
+        parts = [f'<line x1="{self.left}" y1="{self.bottom}" x2="{self.right}" y2="{self.bottom}" class="axis"/>']
+        for t in nice_ticks(self.x0, self.x1, 6):
+            if self.x0 - 1e-9 <= t <= self.x1 + 1e-9:
+                x = self.x(t)
+                parts.append(f'<line x1="{x:.1f}" y1="{self.bottom}" x2="{x:.1f}" y2="{self.bottom + 4}" class="axis"/>'
+                             f'<text x="{x:.1f}" y="{self.bottom + 17}" class="tick" text-anchor="middle">{fmt_tick(t)}</text>')
+        return "".join(parts)
+
+
+def stacked_bars(chart_id: str, title: str, groups: list[str], stacks: dict[str, list[float]], x_label: str,
+                 y_label: str, markers: list[float | None] | None = None, marker_name: str = "") -> str:
+    """Vertical bars, one per group, each stacked from `stacks` (name -> value per group); an optional
+    horizontal marker per group (a quota)."""
+    totals = [sum(s[i] for s in stacks.values()) for i in range(len(groups))]
+    top = max([*totals, *(m for m in markers or [] if m is not None), 1])
+    f = Frame(0, len(groups), 0, top * 1.1)
+    slot = (f.right - f.left) / max(len(groups), 1)
+    bar = min(slot * 0.7, 60)
+    parts = [f.y_axis(), f'<line x1="{f.left}" y1="{f.bottom}" x2="{f.right}" y2="{f.bottom}" class="axis"/>']
+    for i, group in enumerate(groups):
+        x = f.left + slot * i + (slot - bar) / 2
+        base = 0.0
+        for name, values in stacks.items():
+            v = values[i]
+            if v:
+                parts.append(f'<rect x="{x:.1f}" y="{f.y(base + v):.1f}" width="{bar:.1f}" height="{f.y(base) - f.y(base + v):.1f}"'
+                             f' fill="{COLOURS.get(name, SERIES[list(stacks).index(name) % len(SERIES)])}" class="bar">'
+                             f'<title>{esc(group)} · {esc(name)}: {fmt(v)}</title></rect>')
+            base += v
+        marker = markers[i] if markers else None
+        if marker is not None:
+            parts.append(f'<line x1="{x - 4:.1f}" y1="{f.y(marker):.1f}" x2="{x + bar + 4:.1f}" y2="{f.y(marker):.1f}"'
+                         f' class="marker"><title>{esc(group)} · {esc(marker_name)}: {fmt(marker)}</title></line>')
+        label = group if len(group) <= 16 else group[:15] + "…"
+        parts.append(f'<text x="{x + bar / 2:.1f}" y="{f.bottom + 16}" class="tick" text-anchor="middle">{esc(label)}</text>')
+    legend = [(n, COLOURS.get(n, SERIES[k % len(SERIES)])) for k, n in enumerate(stacks)]
+    if markers and any(m is not None for m in markers):
+        legend.append((marker_name, COLOURS["quota"]))
+    return svg(chart_id, title, "".join(parts), x_label, y_label, legend=legend)
+
+
+def coverage_chart(rows: list[dict]) -> str:
+    return stacked_bars("chart-coverage", "Rows per category against its quota", [r["category"] for r in rows],
+                        {s: [r[s] for r in rows] for s in SPLITS}, "category", "rows",
+                        markers=[r["quota"] for r in rows], marker_name="quota (train+val)")
+
+
+def funnel_chart(rows: list[dict]) -> str:
+    """Horizontal bars: rows left after each stage, with what it dropped (or added)."""
+    height = PAD["top"] + 30 * len(rows) + PAD["bottom"]
+    top = max([r["rows_out"] or 0 for r in rows] + [r["rows_in"] or 0 for r in rows] + [1])
+    f = Frame(0, top * 1.25, 0, 1, height=height)
+    parts = [f.x_axis()]
+    for i, r in enumerate(rows):
+        y = f.top + 30 * i + 5
+        out = r["rows_out"] or 0
+        parts.append(f'<text x="{f.left - 6}" y="{y + 14}" class="tick" text-anchor="end">{esc(r["stage"])}</text>'
+                     f'<rect x="{f.left}" y="{y}" width="{f.x(out) - f.left:.1f}" height="20" fill="{COLOURS["kept"]}" class="bar">'
+                     f'<title>{esc(r["stage"])}: {out} rows out of {r["rows_in"]}</title></rect>')
+        if r["dropped"]:
+            parts.append(f'<rect x="{f.x(out):.1f}" y="{y}" width="{f.x(out + r["dropped"]) - f.x(out):.1f}" height="20"'
+                         f' fill="{COLOURS["rejected"]}" class="bar"><title>{esc(r["stage"])}: {r["dropped"]} dropped</title></rect>')
+        added = (r["rows_out"] or 0) - (r["rows_in"] or 0)
+        note = f"−{r['dropped']}" if r["dropped"] else (f"+{added}" if added > 0 else "")
+        parts.append(f'<text x="{f.x(out + r["dropped"]) + 6:.1f}" y="{y + 14}" class="tick">{out}{" (" + note + ")" if note else ""}</text>')
+    return svg("chart-funnel", "Rows through the stages", "".join(parts), "rows", "",
+               height=height, legend=[("rows out", COLOURS["kept"]), ("dropped", COLOURS["rejected"])])
+
+
+def histogram_chart(hist: dict) -> str:
+    edges, kept, rejected = hist["edges"], hist["kept"], hist["rejected"]
+    top = max([k + r for k, r in zip(kept, rejected)] + [1])
+    f = Frame(edges[0], edges[-1], 0, top * 1.1)
+    parts = []
+    if hist["band"]:
+        lo, hi = max(hist["band"][0], edges[0]), min(hist["band"][1], edges[-1])
+        if hi > lo:
+            parts.append(f'<rect x="{f.x(lo):.1f}" y="{f.top}" width="{f.x(hi) - f.x(lo):.1f}" height="{f.bottom - f.top}"'
+                         f' fill="{COLOURS["band"]}" class="band"><title>mining band [{hist["band"][0]:.3g}, {hist["band"][1]:.3g}]</title></rect>')
+    parts += [f.y_axis(), f.x_axis()]
+    for i, (k, r) in enumerate(zip(kept, rejected)):
+        x, w = f.x(edges[i]) + 1, f.x(edges[i + 1]) - f.x(edges[i]) - 2
+        span = f"{edges[i]:.2f}–{edges[i + 1]:.2f}"
+        for base, v, name in ((0, k, "kept"), (k, r, "rejected")):
+            if v:
+                parts.append(f'<rect x="{x:.1f}" y="{f.y(base + v):.1f}" width="{w:.1f}" height="{f.y(base) - f.y(base + v):.1f}"'
+                             f' fill="{COLOURS[name]}" class="bar"><title>{span} · {name}: {v}</title></rect>')
+    legend = [("kept", COLOURS["kept"]), ("dropped by mining", COLOURS["rejected"])]
+    if hist["band"]:
+        legend.insert(0, ("mining band", COLOURS["band"]))
+    return svg("chart-confidence", f"Teacher confidence ({hist['measure']})", "".join(parts), hist["measure"], "rows",
+               legend=legend)
+
+
+def cluster_chart(rows: list[dict]) -> str:
+    return stacked_bars("chart-clusters", "Rows per diversity cluster", [str(r["cluster"]) for r in rows],
+                        {"rows": [r["n"] for r in rows]}, "cluster (largest first)", "rows")
+
+
+def augmentation_chart(rows: list[dict]) -> str:
+    """Grouped bars per template: made (where known) and kept."""
+    groups = [r["template"] for r in rows]
+    top = max([r["made"] or 0 for r in rows] + [r["kept"] for r in rows] + [1])
+    f = Frame(0, len(groups), 0, top * 1.1)
+    slot = (f.right - f.left) / max(len(groups), 1)
+    bar = min(slot * 0.35, 40)
+    parts = [f.y_axis(), f'<line x1="{f.left}" y1="{f.bottom}" x2="{f.right}" y2="{f.bottom}" class="axis"/>']
+    for i, r in enumerate(rows):
+        x = f.left + slot * i + slot / 2 - bar
+        for j, name in enumerate(("made", "kept")):
+            v = r[name]
+            if v:
+                parts.append(f'<rect x="{x + j * bar:.1f}" y="{f.y(v):.1f}" width="{bar:.1f}" height="{f.bottom - f.y(v):.1f}"'
+                             f' fill="{COLOURS[name]}" class="bar"><title>{esc(r["template"])} · {name}: {v}</title></rect>')
+        label = r["template"].split("#", 1)[-1]
+        label = label if len(label) <= 22 else label[:21] + "…"
+        parts.append(f'<text x="{x + bar:.1f}" y="{f.bottom + 16}" class="tick" text-anchor="middle">{esc(label)}</text>')
+    return svg("chart-augmentation", "Yield per augmentation template", "".join(parts), "template", "rows",
+               legend=[("made", COLOURS["made"]), ("kept", COLOURS["kept"])])
+
+
+def lines_chart(chart_id: str, title: str, series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,
+                dotted: set[str] = frozenset()) -> str:
+    """One line per series; a series in `dotted` is drawn as points joined by a dashed line."""
+    points = [p for s in series.values() for p in s]
+    xs, ys = [p[0] for p in points] or [0, 1], [p[1] for p in points] or [0, 1]
+    f = Frame(min(0, min(xs)), max(xs) or 1, min(0, min(ys)), max(ys) * 1.08 or 1)
+    parts = [f.y_axis(), f.x_axis()]
+    legend = []
+    for k, (name, pts) in enumerate(series.items()):
+        if not pts:
+            continue
+        colour = SERIES[k % len(SERIES)]
+        path = " ".join(f"{f.x(x):.1f},{f.y(y):.1f}" for x, y in pts)
+        dash = ' stroke-dasharray="5 4"' if name in dotted else ""
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash} class="line">'
+                     f'<title>{esc(name)}</title></polyline>')
+        if name in dotted or len(pts) == 1:
+            parts += [f'<circle cx="{f.x(x):.1f}" cy="{f.y(y):.1f}" r="3.5" fill="{colour}" class="point">'
+                      f'<title>{esc(name)} at {fmt(x)}: {y:.4g}</title></circle>' for x, y in pts]
+        legend.append((name, colour))
+    return svg(chart_id, title, "".join(parts), x_label, y_label, legend=legend)
+
+
+def training_charts(students: list[dict]) -> list[str]:
+    charts = []
+    for i, s in enumerate(students):
+        series = {"loss": s["loss"], **{f"{name}": pts for name, pts in s["components"].items()}, "val loss": s["val"]}
+        charts.append(lines_chart(f"chart-training-{i}", f"Training of {s['student']}", series, "optimizer step",
+                                  "loss", dotted={"val loss"}))
+    return charts
+
+
+def scatter_chart(models: list[dict]) -> str:
+    """Accuracy against batch-1 decode speed, one point per model, its area proportional to parameters."""
+    speeds = [m["decode_tok_s"] or 0 for m in models]
+    biggest = max([m["params"] or 0 for m in models] + [1])
+    f = Frame(0, max(speeds + [1]) * 1.15, 0, 1.05)
+    parts = [f.y_axis(lambda t: f"{t:.0%}"), f.x_axis()]
+    for m, speed in zip(models, speeds):
+        r = 4 + 26 * math.sqrt((m["params"] or 0) / biggest)
+        colour = COLOURS["teacher"] if m["kind"] == "teacher" else COLOURS["student"]
+        acc = m["accuracy"] or 0
+        parts.append(f'<circle cx="{f.x(speed):.1f}" cy="{f.y(acc):.1f}" r="{r:.1f}" fill="{colour}" fill-opacity="0.55"'
+                     f' stroke="{colour}" class="point"><title>{esc(m["name"])}: {acc:.1%} at {speed:.1f} tok/s,'
+                     f' {(m["params"] or 0) / 1e6:.1f}M params</title></circle>'
+                     f'<text x="{f.x(speed) + r + 4:.1f}" y="{f.y(acc) + 4:.1f}" class="tick">{esc(m["name"])}</text>')
+    return svg("chart-speed-accuracy", "Accuracy against decode speed (area ∝ parameters)", "".join(parts),
+               "batch-1 decode tokens/s", "accuracy", legend=[("teacher", COLOURS["teacher"]), ("student", COLOURS["student"])])
+
+
+# ---- the page -----------------------------------------------------------------------------------
+
+
+def gather(st, ref: str, run: str | None = None) -> dict:
+    """Every section's figures and charts for version `ref` and training run `run` (default: its latest)."""
+    info = st.resolve(ref)
+    spec = version_spec(info)
+    stats = info.stats if isinstance(info.stats, dict) else {}
+    examples = read_table(st, info, "examples", ["prompt_id", "parent_id", "category", "split", "cluster",
+                                                 "template_id", "label", "answer",
+                                                 *(c for c in _columns(info) if c.startswith("conf_"))])
+    rejections = read_table(st, info, "rejections", ["prompt_id", "parent_id", "category", "stage", "reason"])
+    run_id = pick_run(st, info, run)
+    return {"info": info, "run_id": run_id, "spec_found": spec is not None,
+            "coverage": _coverage_section(examples, stats, spec),
+            "funnel": _funnel_section(stats, rejections, spec),
+            "confidence": _confidence_section(examples, rejections, spec),
+            "clusters": _cluster_section(examples),
+            "augmentation": _augmentation_section(examples, rejections, spec),
+            "training": _training_section(st, info, run_id),
+            "eval": _eval_section(st, run_id)}
+
+
+def _columns(info) -> list[str]:
+    segs = info.segments.get("examples") or []
+    return list(pl.read_parquet_schema(segs[0].path)) if segs else []
+
+
+def _coverage_section(examples, stats, spec) -> Section:
+    rows = coverage(examples, stats, spec) if examples is not None else []
+    if not rows:
+        return Section(missing="the version's examples carry no category")
+    return Section(rows, [coverage_chart(rows)])
+
+
+def _funnel_section(stats, rejections, spec) -> Section:
+    rows = funnel(stats, rejections, stage_order(spec, stats))
+    if not rows:
+        return Section(missing="the version's lineage records no stage statistics")
+    return Section(rows, [funnel_chart(rows)])
+
+
+def _confidence_section(examples, rejections, spec) -> Section:
+    column = measure_column(examples.columns, spec) if examples is not None else None
+    if column is None:
+        return Section(missing="no confidence column: the teacher's answers were not scored")
+    hist = confidence_histogram(examples, rejections, column, spec)
+    return Section(hist, [histogram_chart(hist)])
+
+
+def _cluster_section(examples) -> Section:
+    rows = cluster_sizes(examples) if examples is not None else []
+    if not rows:
+        return Section(missing="no diversity clusters: the spec has no diversity stage")
+    return Section(rows, [cluster_chart(rows)])
+
+
+def _augmentation_section(examples, rejections, spec) -> Section:
+    rows = augmentation_yield(examples, rejections, spec) if examples is not None else []
+    if not rows:
+        return Section(missing="no augmentation: the spec makes no variations")
+    return Section(rows, [augmentation_chart(rows)])
+
+
+def _training_section(st, info, run_id) -> Section:
+    if run_id is None:
+        return Section(missing=f"no training run on {info.ref} yet: `syllabus train SPEC --dataset {info.ref}`")
+    students = training_curves(st, info, run_id)
+    if not any(s["loss"] or s["val"] for s in students):
+        return Section(students, missing=f"run {run_id} recorded no loss curves")
+    return Section(students, training_charts(students))
+
+
+def _eval_section(st, run_id) -> Section:
+    if run_id is None:
+        return Section(missing="no training run, so no students to evaluate")
+    found = find_eval(st, run_id)
+    if found is None:
+        return Section(missing=f"run {run_id} has not been evaluated: `syllabus eval SPEC`")
+    report, path = found
+    sets = [{"name": e["name"], "description": e.get("description"), "baseline": e.get("baseline"),
+             "models": eval_models(e)} for e in report.get("sets") or []]
+    if not sets:
+        return Section(missing=f"{path} holds no eval set")
+    return Section({"path": str(path), "sets": sets, "methods": report.get("methods", {}),
+                    "seeds": len(report.get("seeds") or []) > 1},
+                   [scatter_chart(sets[0]["models"])])
+
+
+def render(sections: dict) -> str:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["pct"] = lambda v: "–" if v is None else f"{v:.1%}"
+    env.filters["num"] = lambda v, digits=2: "–" if v is None else f"{v:,.{digits}f}"
+    env.filters["millions"] = lambda v: "–" if v is None else f"{v / 1e6:.1f}M"
+    return env.get_template(TEMPLATE.name).render(**sections)
+
+
+def default_path(info, run_id: str | None) -> Path:
+    return Path("out") / "reports" / (f"{info.dataset}-v{info.version}" + (f"-{run_id}" if run_id else "") + ".html")
+
+
+def write_report(st, ref: str, run: str | None = None, out: Path | None = None) -> Path:
+    """Render the report of `ref` (and training run `run`) to `out` (default: out/reports/...); its path."""
+    sections = gather(st, ref, run)
+    path = Path(out) if out is not None else default_path(sections["info"], sections["run_id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(sections), encoding="utf-8")
+    return path.resolve()
