@@ -762,6 +762,23 @@ def _device(value: str) -> str:
     return value
 
 
+class OnPolicy(Strict):
+    """training.on_policy: a share of optimizer steps learn from each student's own samples, scored by the
+    local teacher (GKD; engine/train/on_policy.py)."""
+    share: float = Field(gt=0.0, le=1.0)  # of optimizer steps, drawn per step from training.seed
+    max_new_tokens: int | None = Field(None, ge=1, le=4096)  # per sampled response; default: the teacher's
+    temperature: float = Field(1.0, gt=0.0)  # the students' sampling temperature
+    # D(teacher || student) on the sampled tokens, tempered at training.loss.temperature, times T^2.
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "reverse_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _beta_for_jsd(self) -> "OnPolicy":
+        if "beta" in self.model_fields_set and self.divergence != "jsd":
+            raise ValueError(f"beta applies to divergence: jsd only (divergence is {self.divergence})")
+        return self
+
+
 class Training(Strict):
     student_prompt: TemplateSource | None = None  # Jinja2 over the row: what the student sees
     # How the student reads it, as teacher.chat/system/messages do; unset: the teacher's (system and
@@ -788,6 +805,7 @@ class Training(Strict):
     # stored: the dataset's top-k (or sampled) log-probs. online: the loop runs the (local) teacher over its
     # own prompt and the response, and distils its full-vocabulary distribution (engine/train/online.py).
     teacher_signal: Literal["stored", "online"] = "stored"
+    on_policy: OnPolicy | None = None  # null: every step learns from the dataset (or the online teacher)
 
     @field_validator("seeds")
     @classmethod
@@ -881,6 +899,10 @@ class Spec(Strict):
             raise ValueError(f"training.teacher_signal: online runs the teacher over every training batch for its "
                              f"full-vocabulary distribution: it needs teacher.backend: transformers; the {backend} "
                              "backend (a server) gives no prompt log-probs")
+        if self.training.on_policy is not None and backend != "transformers":
+            raise ValueError(f"training.on_policy has the teacher score the students' own samples over its full "
+                             f"vocabulary: it needs teacher.backend: transformers; the {backend} backend (a server) "
+                             "gives no prompt log-probs")
         if self.teacher.logprobs.mode == "sampled":
             if backend != "transformers":
                 raise ValueError(f"teacher.logprobs.mode: sampled draws ids from the teacher's full distribution: "

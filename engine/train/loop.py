@@ -5,6 +5,8 @@ student costs its own forward/backward only. Students learn from the stored toke
 log-probs (or sampled draws: engine/train/sampled.py); only with training.loss.hidden or
 training.teacher_signal: online is the teacher model kept, to run one no-grad forward per micro-batch
 whose hidden states or full-vocabulary log-probs every student reads (engine/train/hidden.py, online.py).
+With training.on_policy, a seeded share of the optimizer steps instead learn from each student's own
+samples, scored by the teacher (engine/train/on_policy.py).
 
 An optimizer step takes batch_size * grad_accum examples as grad_accum micro-batches, each
 weighted by its share of the response tokens (the gradient of one batch holding them all).
@@ -34,11 +36,12 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from engine.models import load_causal_lm, set_threads
-from engine.spec import Loss, Spec, SpecError, Student
+from engine.spec import Loss, OnPolicy, Spec, SpecError, Student
 from engine.train.data import collate, encode, response_logits, student_conversations
 from engine.train.device import autocast, autocast_dtype, resolve_device, to_device
 from engine.train.hidden import HiddenDistill, check_teacher_layers, decoder_layers
 from engine.train.losses import distillation_loss
+from engine.train.on_policy import OnPolicyBatches, check_on_policy, on_policy_loss
 from engine.train.online import EachPass, check_online, online_distillation_loss, peak_memory, with_teacher_signal
 from engine.train.options import option_targets, option_token_ids, with_option_kd
 from engine.train.sampled import check_sampled_training, sampled_distillation_loss
@@ -196,10 +199,12 @@ class Trainee:
         for name in self.RECORDS:
             setattr(self, name, state[name])
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]], spec: Spec, step: int, total_steps: int) -> float:
-        """One optimizer step over grad_accum micro-batches; returns its loss."""
+    def step(self, micro_batches: list[dict[str, torch.Tensor]], spec: Spec, step: int, total_steps: int,
+             on_policy: OnPolicy | None = None) -> float:
+        """One optimizer step over grad_accum micro-batches; returns its loss. on_policy: the micro-batches
+        hold the student's own samples (engine/train/on_policy.py)."""
         start = time.perf_counter()
-        total = self.accumulate(micro_batches, spec, step, total_steps)
+        total = self.accumulate(micro_batches, spec, step, total_steps, on_policy)
         self.lrs.append(self.lr * self.scheduler.lr_lambdas[0](step))
         clip = spec.training.optimizer.clip_grad_norm
         # max_norm inf: measures the norm and scales by exactly 1.
@@ -212,7 +217,7 @@ class Trainee:
         return total
 
     def accumulate(self, micro_batches: list[dict[str, torch.Tensor]], spec: Spec, step: int,
-                   total_steps: int) -> float:
+                   total_steps: int, on_policy: OnPolicy | None = None) -> float:
         """Backward over the micro-batches, each weighted by its share of their response tokens: the
         gradients (and the returned loss) are those of one batch holding them all."""
         loss_spec = spec.training.loss
@@ -223,7 +228,7 @@ class Trainee:
         total = 0.0
         components = dict.fromkeys(("kd", "hard") + (("hidden",) if self.hidden is not None else ()), 0.0)
         for batch in micro_batches:
-            parts, hidden = self.forward(batch, loss_spec, hard, temperature)
+            parts, hidden = self.forward(batch, loss_spec, hard, temperature, on_policy)
             objective = parts.loss if hidden is None else parts.loss + loss_spec.hidden.weight * hidden
             share = 1.0 if len(micro_batches) == 1 else parts.tokens / n
             loss = objective if len(micro_batches) == 1 else objective * share
@@ -238,12 +243,16 @@ class Trainee:
             self.components.setdefault(name, []).append(value)
         return total
 
-    def forward(self, batch: dict[str, torch.Tensor], loss_spec: Loss, hard_weight: float, temperature: float):
+    def forward(self, batch: dict[str, torch.Tensor], loss_spec: Loss, hard_weight: float, temperature: float,
+                on_policy: OnPolicy | None = None):
         """(LossParts, hidden term or None) of one batch: one student forward (under autocast on CUDA),
         whose mapped layers' outputs the hidden term reads through hooks."""
         hooks = self.hidden.capture(self.model, batch["mask"]) if self.hidden is not None else contextlib.nullcontext()
         with autocast(self.device), hooks as states:
-            parts = _loss(self.model, batch, loss_spec, hard_weight, temperature, self.targets)
+            if on_policy is not None:  # the student's own samples: the divergence alone, no hard CE
+                parts = on_policy_loss(self.model, batch, temperature, on_policy.divergence, on_policy.beta)
+            else:
+                parts = _loss(self.model, batch, loss_spec, hard_weight, temperature, self.targets)
         with autocast(self.device):  # kd_target: options: the option sequences' forward, outside the hooks
             parts = with_option_kd(parts, self.model, batch, loss_spec, temperature)
         hidden = self.hidden(states, batch["teacher_hidden"]) if self.hidden is not None else None
@@ -296,6 +305,7 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
         raise SpecError(f"{where}: students: the spec names no student to train")
     cfg = spec.training
     device = resolve_device(cfg.device, where)
+    check_on_policy(spec, where)
     online = cfg.teacher_signal == "online"
     if online:
         check_online(spec.students, where)
@@ -315,7 +325,7 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
 
     texts = student_conversations(train, spec)
     encoded = encode(train, tokenizer, texts, marker, options=option_targets(train, spec, tokenizer, texts, train=True),
-                     teacher_texts=teacher_contexts(train, spec) if online else None)
+                     teacher_texts=teacher_contexts(train, spec) if online or cfg.on_policy else None)
     if not encoded:
         raise SpecError(f"{where}: training: the train split has no example with teacher tokens to learn from")
     val_texts = student_conversations(val, spec) if val.height else []
@@ -341,10 +351,11 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
             print(t.model.pruning_report["summary"], file=sys.stderr)
     # The teacher layers some student's hidden term reads; none: students learn from stored log-probs alone.
     teacher_layers = sorted({layer for t in trainees if t.hidden is not None for layer in t.hidden.layer_map.values()})
-    if teacher_layers or online:
+    if teacher_layers or online or cfg.on_policy:
         teacher.to(device).requires_grad_(False)  # kept, in eval mode, for one no-grad forward per micro-batch
     else:
         del teacher  # free its memory for training
+    own_samples = OnPolicyBatches(spec, teacher, tokenizer, device, teacher_layers) if cfg.on_policy else None
     teacher_seconds = 0.0  # the live teacher's forwards (online / hidden), shared by every student
 
     def with_teacher(batches: list[dict]) -> list[dict]:
@@ -378,6 +389,8 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
         step, position, before = state["step"], state["position"], state["run_seconds"]
         order = state["order"].numpy() if state["order"] is not None else None
         rng.bit_generator.state = state["numpy_rng"]
+        if own_samples is not None:
+            own_samples.load_state_dict(state["on_policy"])
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -393,6 +406,7 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
             "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
             "trainees": [t.state_dict() for t in trainees],
+            "on_policy": own_samples.state_dict() if own_samples is not None else None,
         })
 
     every = cfg.checkpoint_every if checkpoints is not None else None
@@ -405,12 +419,19 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
                 order, position = rng.permutation(len(encoded)), 0
             while position < len(order) and step < total_steps:
                 chunk = order[position : position + group]
-                micro = [to_device(collate([encoded[i] for i in chunk[j : j + cfg.batch_size]], tokenizer.pad_token_id),
-                                   device) for j in range(0, len(chunk), cfg.batch_size)]
-                micro = with_teacher(micro)  # the teacher's hidden states, once for every student
-                for t in trainees:
-                    if t.active:
-                        t.step(micro, spec, step, total_steps)
+                micro_examples = [[encoded[i] for i in chunk[j : j + cfg.batch_size]]
+                                  for j in range(0, len(chunk), cfg.batch_size)]
+                if own_samples is not None and own_samples.takes(step):  # each student learns from its own samples
+                    for t in trainees:
+                        if t.active:
+                            batches = own_samples.micro_batches(t.model, t.student.name, micro_examples, step)
+                            t.step(batches, spec, step, total_steps, on_policy=cfg.on_policy)
+                else:
+                    micro = [to_device(collate(e, tokenizer.pad_token_id), device) for e in micro_examples]
+                    micro = with_teacher(micro)  # the teacher's hidden states, once for every student
+                    for t in trainees:
+                        if t.active:
+                            t.step(micro, spec, step, total_steps)
                 step += 1
                 position += group
                 running = "  ".join(f"{t.student.name} {np.mean(t.losses[-20:]):.3f}" for t in trainees)
@@ -440,7 +461,8 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
     for t in trainees:
         if keep_best and t.best_state is not None:
             t.model.load_state_dict(t.best_state)
-        metrics = {**_metrics(t, spec, len(encoded), steps_per_epoch, run_seconds, keep_best), **run}
+        metrics = {**_metrics(t, spec, len(encoded), steps_per_epoch, run_seconds, keep_best), **run,
+                   "on_policy": own_samples.metrics(t.student.name) if own_samples is not None else None}
         _save(t, tokenizer, out_dir / t.student.name, metrics)
         results[t.student.name] = metrics
     return results

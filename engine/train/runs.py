@@ -69,6 +69,8 @@ def _training_shaping(training) -> dict:
         shaping.pop("teacher_signal")
     if shaping["loss"].get("hidden") is None:
         shaping["loss"].pop("hidden", None)
+    if shaping.get("on_policy") is None:  # none: runs named before on_policy existed keep their ids
+        shaping.pop("on_policy", None)
     for weight in ("reasoning_weight", "answer_weight"):  # token weights at 1: as before they existed
         if shaping["loss"].get(weight) == 1.0:
             shaping["loss"].pop(weight)
