@@ -37,6 +37,9 @@ def check_teacher(spec) -> None:
         resolve_device(spec.teacher.device, _where(spec), "teacher.device")
     if getattr(spec, "ensemble", None) is not None:
         check_members(spec)
+    from engine.stages.student_source import check_student_sources
+
+    check_student_sources(spec)  # `from: students:RUN_ID/STUDENT`: a trained student with the teacher's ids
 
 
 def check_members(spec) -> None:

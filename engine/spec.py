@@ -393,15 +393,27 @@ def _option_set(options: list[str]) -> list[str]:
 OptionSet = Annotated[list[str], AfterValidator(_option_set)]
 
 
+# `from: students:RUN_ID/STUDENT`: a trained student of the store answers the prompts of the version it
+# was trained on (engine/stages/student_source.py); the names follow engine.models' `models:RUN_ID/STUDENT`.
+STUDENT_SOURCE = "students:"
+_STUDENT_SOURCE = re.compile(r"students:([A-Za-z0-9][A-Za-z0-9._-]*)/([A-Za-z0-9][A-Za-z0-9._-]*)")
+STUDENT_ANSWER_FIELDS = ("max_new_tokens", "temperature", "seed")
+
+
 class Source(Strict):
-    """Where prompts come from: exactly one of a file, a datasets folder, an inline list, or a store version."""
+    """Where prompts come from: exactly one of a file, a datasets folder, an inline list, a store version,
+    or a trained student's answers to the prompts of the version it was trained on."""
 
     model_config = ConfigDict(populate_by_name=True)  # merged with Strict's
 
     path: str | None = None  # a file, or a folder written by `datasets`' save_to_disk
     inline: list[str] | None = None
-    from_: str | None = Field(None, alias="from")  # NAME@V of a store version (its examples)
+    from_: str | None = Field(None, alias="from")  # NAME@V of a store version (its examples), or students:RUN/STUDENT
     where: str | None = None  # SQL condition over that version's examples
+    # from: students:RUN_ID/STUDENT: how the student answers (the teacher then scores its tokens)
+    max_new_tokens: int | None = Field(None, ge=1, le=4096)  # default: teacher.generation.max_new_tokens
+    temperature: float = Field(0.0, ge=0.0)  # 0: greedy
+    seed: int = 0  # sampling's seed (temperature > 0)
     format: Literal["jsonl", "csv", "parquet", "text", "datasets"] | None = None  # default: from the extension
     split: str | None = None  # the split of a DatasetDict folder to read
     text: str = "prompt"  # column holding the prompt text
@@ -426,13 +438,29 @@ class Source(Strict):
         _file_problem(path, info, "file" if Path(path).suffix.lower() in SOURCE_FORMATS else "file or folder")
         return path
 
+    @field_validator("from_")
+    @classmethod
+    def _student_name(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(STUDENT_SOURCE) and not _STUDENT_SOURCE.fullmatch(value):
+            raise ValueError(f"{_short(value)}: a trained student is named students:RUN_ID/STUDENT "
+                             "(`syllabus models` lists them as models:RUN_ID/STUDENT)")
+        return value
+
+    @model_validator(mode="after")
+    def _student_answer_fields(self) -> "Source":
+        given = [f for f in STUDENT_ANSWER_FIELDS if f in self.model_fields_set]
+        if given and self.student is None:
+            raise ValueError(f"{', '.join(given)}: only for a `from: students:RUN_ID/STUDENT` source "
+                             "(how the student answers)")
+        return self
+
     @model_validator(mode="after")
     def _one_origin(self, info: ValidationInfo) -> "Source":
         origins = [k for k, v in (("path", self.path), ("inline", self.inline), ("from", self.from_)) if v is not None]
         if len(origins) != 1:
             raise ValueError(f"a source needs exactly one of path, inline, from (got {', '.join(origins) or 'none'})")
         if self.where is not None and self.from_ is None:
-            raise ValueError("where applies only to a `from: NAME@V` source")
+            raise ValueError("where applies only to a `from:` source (NAME@V or students:RUN_ID/STUDENT)")
         if self.label and (self.inline is not None or self.source_format == "text"):
             raise ValueError("label needs a column; inline and text sources have none")
         if self.split is not None and self.source_format != "datasets":
@@ -461,7 +489,15 @@ class Source(Strict):
         """How rows of this source are named in the `source` column and in messages."""
         if self.path is not None:
             return self.path
+        if self.student is not None:
+            return self.from_
         return f"from:{self.from_}" if self.from_ else "inline"
+
+    @property
+    def student(self) -> tuple[str, str] | None:
+        """(run_id, student) of a `from: students:RUN_ID/STUDENT` source; None for any other."""
+        found = _STUDENT_SOURCE.fullmatch(self.from_ or "")
+        return (found.group(1), found.group(2)) if found else None
 
 
 # --- coverage, augmentation, embeddings, dedup, diversity --------------------
@@ -911,6 +947,20 @@ class Spec(Strict):
             if self.ensemble is not None:
                 raise ValueError("teacher.logprobs.mode: sampled cannot go with ensemble: the members' top-k "
                                  "would be mixed into the teacher's draws, which are no longer unbiased")
+        return self
+
+    @model_validator(mode="after")
+    def _student_sources_need_local_teacher(self) -> "Spec":
+        for i, src in enumerate(self.sources):
+            if src.student is None:
+                continue
+            if self.teacher.backend != "transformers":
+                raise ValueError(f"sources[{i}].from: the teacher scores the student's own tokens teacher-forced: "
+                                 f"it needs teacher.backend: transformers; the {self.teacher.backend} backend "
+                                 "(a server) scores no response it did not write")
+            if self.teacher.logprobs.mode != "topk":
+                raise ValueError(f"sources[{i}].from: the teacher scores the student's tokens by its top-k: "
+                                 "teacher.logprobs.mode: sampled cannot go with a students: source")
         return self
 
     @model_validator(mode="after")

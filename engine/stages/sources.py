@@ -10,6 +10,10 @@ as an Arrow table, like Parquet: its bad rows are named by row number.
 
 Text files and inline lists have no columns: each line or item is a prompt, and
 `category:` names the category of every row instead of a column.
+
+`from: students:RUN_ID/STUDENT` reads the version that student was trained on as `from: NAME@V` does;
+its rows (origin "student") carry which row of that version each one is, and teach has the student
+answer them and the teacher score the answers (engine/stages/student_source.py).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ ROW_SCHEMA = {
     "source": pl.String,
     "category": pl.String,
     "template_id": pl.String,
-    "origin": pl.String,  # source | template | teacher: how the prompt was made
+    "origin": pl.String,  # source | template | teacher | student: how the prompt (student: its answer) was made
     "prompt": pl.String,
     "label": pl.String,
 }
@@ -231,14 +235,18 @@ def _batch_records(batches) -> Iterator[Record]:
             yield Record(f"row {number}", _raw_of(fields), fields=fields)
 
 
-def _records_store(src, store, name: str) -> Iterator[Record]:
+def _records_store(src, store, name: str, at: str | None = None, extra: tuple[str, ...] = ()) -> Iterator[Record]:
+    """The examples of version `at` (default: the source's `from:`) that `where:` keeps, its mapped columns
+    and the `extra` ones it has."""
     if store is None:
         raise StageError(f"{name}: from: no store to read {src.from_} from")
-    available = _store_sql(store, "SELECT * FROM examples LIMIT 0", src.from_, f"{name}: from").column_names
+    at = at or src.from_
+    available = _store_sql(store, "SELECT * FROM examples LIMIT 0", at, f"{name}: from").column_names
     _require_columns(src, available, name)
-    selected = ", ".join(_quote(c) for c in _mapped_columns(src, available))
+    columns = _mapped_columns(src, available) + [c for c in extra if c in available]
+    selected = ", ".join(_quote(c) for c in dict.fromkeys(columns))
     where = f" WHERE ({src.where})" if src.where else ""
-    table = _store_sql(store, f"SELECT {selected} FROM examples{where}", src.from_, f"{name}: where")
+    table = _store_sql(store, f"SELECT {selected} FROM examples{where}", at, f"{name}: where")
     for number, fields in enumerate(table.to_pylist(), start=1):
         yield Record(f"row {number}", _raw_of(fields), fields=fields)
 
@@ -250,6 +258,17 @@ def _store_sql(store, query: str, at: str, context: str):
         return store.sql(query, at=at)
     except StoreError as e:
         raise StageError(f"{context}: {e}") from None
+
+
+def _records_student(src, store, name: str, index: int, spec) -> Iterator[Record]:
+    """The rows of the version the student was trained on, as `from: NAME@V` reads them, with their prompt_id
+    (which teach reads the student's context by)."""
+    from engine.stages.student_source import trained_student
+
+    if store is None:
+        raise StageError(f"{name}: from: no store to read {src.from_} from")
+    trained = trained_student(spec, store, index, src)
+    return _records_store(src, store, name, at=trained["dataset"], extra=("prompt_id",))
 
 
 def _records_inline(src) -> Iterator[Record]:
@@ -300,7 +319,7 @@ def _cell(value) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-def _to_row(src, record: Record) -> dict | str:
+def _to_row(src, record: Record, index: int = 0) -> dict | str:
     """A row of ROW_SCHEMA, or the reason this record is a bad row."""
     columnless = _kind(src) in COLUMNLESS_FORMATS
     column = "text" if columnless else src.text
@@ -312,21 +331,34 @@ def _to_row(src, record: Record) -> dict | str:
         return problem
     text = fields[column].strip()
     pid = prompt_id(text)
-    return {
+    student = _student_fields(src, fields, index)
+    return {**student,
         "prompt_id": pid,
         "parent_id": pid,
         "source": src.origin,
         "category": src.category if columnless else _cell(fields.get(src.category)) if src.category else None,
         "template_id": None,
-        "origin": "source",
+        "origin": "student" if student else "source",
         "prompt": text,
         "label": None if columnless or not src.label else _cell(fields.get(src.label)),
     }
 
 
+def _student_fields(src, fields: dict, index: int) -> dict:
+    """A student source's row: which source it is (its student and settings) and which row of the version
+    it was trained on (teach reads the student's context there)."""
+    if src.student is None:
+        return {}
+    from engine.stages.student_source import SOURCE_INDEX, STUDENT_ROW
+
+    return {SOURCE_INDEX: index, STUDENT_ROW: _cell(fields.get("prompt_id"))}
+
+
 def _kind(src) -> str:
     if src.inline is not None:
         return "inline"
+    if src.student is not None:
+        return "student"
     if src.from_ is not None:
         return "store"
     return src.source_format
@@ -336,17 +368,18 @@ def _source_name(src, index: int, path: Path | None) -> str:
     return str(path) if path is not None else f"sources[{index}] ({src.origin})"
 
 
-def read_source(src, *, path: Path | None = None, store=None, index: int = 0) -> SourceRead:
-    """Read one source into good rows and bad rows, stopping after `limit` good rows."""
+def read_source(src, *, path: Path | None = None, store=None, index: int = 0, spec=None) -> SourceRead:
+    """Read one source into good rows and bad rows, stopping after `limit` good rows (spec: the spec whose
+    sources[index] it is, which a student source checks its student against)."""
     name = _source_name(src, index, path)
     kind = _kind(src)
     if kind in ("inline", "text") and src.label:
         raise StageError(f"{name}: label: a {kind} source has no columns to take a label from")
     read, seen_columns = SourceRead(name), {}
     try:
-        for record in _records(src, kind, path, store, name):
+        for record in _records(src, kind, path, store, name, index, spec):
             seen_columns.update(dict.fromkeys(record.fields or ()))
-            row = record.problem or _to_row(src, record)
+            row = record.problem or _to_row(src, record, index)
             if isinstance(row, str):
                 read.bad.append(BadRow(record.where, row, record.raw))
                 continue
@@ -360,9 +393,11 @@ def read_source(src, *, path: Path | None = None, store=None, index: int = 0) ->
     return read
 
 
-def _records(src, kind: str, path: Path | None, store, name: str) -> Iterator[Record]:
+def _records(src, kind: str, path: Path | None, store, name: str, index: int = 0, spec=None) -> Iterator[Record]:
     if kind == "inline":
         return _records_inline(src)
+    if kind == "student":
+        return _records_student(src, store, name, index, spec)
     if kind == "store":
         return _records_store(src, store, name)
     if path is None or not path.exists():  # a folder is there, but unreadable: said by the caller
@@ -419,7 +454,7 @@ class Sources(Stage):
     order = 10
 
     def cache_slice(self, spec, store):
-        return [[dump(s), _content_digest(spec, s), pinned(store, s.from_)] for s in spec.sources]
+        return [[dump(s), _content_digest(spec, s), _pinned(spec, store, i, s)] for i, s in enumerate(spec.sources)]
 
     def cheap(self, spec, frame) -> bool:
         return True
@@ -429,14 +464,36 @@ class Sources(Stage):
         rows, rejected, bad_rows = [], [], 0
         for index, src in enumerate(spec.sources):
             path = spec.resolve_path(src.path) if src.path is not None else None
-            read = read_source(src, path=path, store=ctx.store, index=index)
+            read = read_source(src, path=path, store=ctx.store, index=index, spec=spec)
             check_bad_rows(src, read)
             rows.extend(read.rows)
             rejected.append(bad_row_rejections(src, read, self.name))
             bad_rows += len(read.bad)
-        all_rows = pl.DataFrame(rows, schema=ROW_SCHEMA)
+        all_rows = pl.DataFrame(rows, schema=_row_schema(spec))
         is_first = all_rows["prompt_id"].is_first_distinct()
         kept, dupes = all_rows.filter(is_first), all_rows.filter(~is_first)
         rejected.append(rejections(dupes, self.name, "duplicate of an earlier prompt"))
         stats = {"read": all_rows.height + bad_rows, "kept": kept.height, "duplicates": dupes.height, "bad_rows": bad_rows}
+        if any(src.student is not None for src in spec.sources):  # lineage: which run, student, data, teacher
+            from engine.stages.student_source import student_lineage
+
+            stats["students"] = student_lineage(spec, ctx.store)
         return kept, pl.concat(rejected), stats
+
+
+def _pinned(spec, store, index: int, src):
+    """A store version pinned to its number; a student source: its version and the student's weights."""
+    if src.student is None:
+        return pinned(store, src.from_)
+    from engine.stages.student_source import student_pin
+
+    return student_pin(spec, store, index, src)
+
+
+def _row_schema(spec) -> dict:
+    """ROW_SCHEMA, plus what teach needs of a student source's rows (never committed)."""
+    if all(src.student is None for src in spec.sources):
+        return ROW_SCHEMA
+    from engine.stages.student_source import STUDENT_COLUMNS
+
+    return {**ROW_SCHEMA, **STUDENT_COLUMNS}

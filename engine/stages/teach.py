@@ -8,6 +8,9 @@ a response without the marker keeps `answer` null (counted as answer_format_brok
 With teacher.samples N > 1, sample i of a prompt is asked with generation.seed + i (its own cache
 entry): sample 0 is the row's response, the one distilled, and `sample_responses` / `sample_answers`
 hold all N.
+
+Rows of a `from: students:RUN_ID/STUDENT` source (origin "student") are not answered by the teacher:
+the student answers and the teacher scores its tokens (engine/teachers/student_answers.py).
 """
 
 from __future__ import annotations
@@ -208,7 +211,24 @@ class Teach(Stage):
         return self.run(batch, ctx, ordered=False)
 
     def run(self, frame: pl.DataFrame, ctx: RunContext, *, ordered: bool | None = None):
-        """ordered (default: teach.order is selection): ask in selection's order, up to the quotas."""
+        """ordered (default: teach.order is selection): ask in selection's order, up to the quotas.
+        A student source's rows are the student's answers, scored by the teacher: all of them, unordered."""
+        from engine.stages.student_source import split_student_rows
+
+        frame, by_students = split_student_rows(frame)
+        if not by_students.height:
+            return self._teach(frame, ctx, ordered=ordered)
+        from engine.teachers.student_answers import answer_student_rows
+
+        answered, dropped, stats = (self._teach(frame, ctx, ordered=ordered) if frame.height else
+                                    (None, None, {"rows": 0, "teacher_calls": 0,
+                                                  "logprobs_mode": ctx.spec.teacher.logprobs.mode}))
+        scored, unrendered, stats["students"] = answer_student_rows(by_students, ctx)
+        answered = scored if answered is None else pl.concat([answered, scored], how="diagonal_relaxed")
+        dropped = unrendered if dropped is None else pl.concat([dropped, unrendered])
+        return answered, dropped, stats
+
+    def _teach(self, frame: pl.DataFrame, ctx: RunContext, *, ordered: bool | None = None):
         spec = ctx.spec
         prompts, problems = render_teacher_prompts(frame, spec)
         rendered = pl.Series([p is not None for p in prompts], dtype=pl.Boolean)
