@@ -78,12 +78,14 @@ IN_DISTRIBUTION = "in-distribution"
 @dataclass
 class Arm:
     """One lever changed from the base: a change to the curation (raw spec -> raw spec), to the
-    training loss, or both; `applies` says why it cannot be run on a spec (None: it can)."""
+    training loss, to other training settings (`training`: e.g. teacher_signal), or several;
+    `applies` says why it cannot be run on a spec (None: it can)."""
     name: str
     what: str
     curation: Callable[[dict], dict] | None = None
     loss: dict = field(default_factory=dict)
     applies: Callable[[dict], str | None] = lambda raw: None
+    training: dict = field(default_factory=dict)
 
 
 def _teacher_written(raw: dict) -> list[dict]:
@@ -166,7 +168,7 @@ def equal_quotas(raw: dict, kept: dict[str, int]) -> dict:
 
 
 def bench_spec(raw: dict, path: Path, *, arm: str, loss: dict, steps: int | None, base_ref: str | None,
-               quick: bool, student: dict | None = None) -> Spec:
+               quick: bool, student: dict | None = None, training_changes: dict | None = None) -> Spec:
     """The spec an arm curates and trains with: its own dataset name, the bench's student, the
     shared eval sets (the base's test split first, then the spec's eval.sources)."""
     out = copy.deepcopy(raw)
@@ -178,6 +180,7 @@ def bench_spec(raw: dict, path: Path, *, arm: str, loss: dict, steps: int | None
     training = out.setdefault("training", {})
     training.pop("seeds", None)
     training["loss"] = {**(training.get("loss") or {}), **loss}
+    training.update(copy.deepcopy(training_changes or {}))
     if quick:
         steps = min(steps or QUICK_STEPS, QUICK_STEPS)
     if steps is not None:
@@ -232,6 +235,8 @@ def run_arm(arm: Arm, raw: dict, path: Path, bench: Settings, base: dict | None)
     began = time.perf_counter()
     st, seeds, progress = bench.st, bench.seeds, bench.progress
     common = {"quick": bench.quick, "student": bench.student}
+    if base is not None:
+        common["training_changes"] = arm.training
     if base is None:
         spec = bench_spec(raw, path, arm="base", loss={}, steps=None, base_ref=None, **common)
     elif arm.curation is None:  # a training lever: the base's data
