@@ -51,6 +51,8 @@ def test_option_scores_on_a_tiny_model_match_a_hand_computation(tiny_llm_dir):
     options = [[tokenizer(continuation(c, o), add_special_tokens=False)["input_ids"] for o in opts] for c, opts in rows]
     assert options[1][0] == tokenizer(" positive", add_special_tokens=False)["input_ids"]
     assert options[0][2] == tokenizer("not at all", add_special_tokens=False)["input_ids"] and len(options[0][2]) > 1
+    # The plain row's options are one token each: one pass over its prompt scores both.
+    assert all(len(o) == 1 for o in options[1])
     # batch_size 2: options of different rows and lengths share padded batches.
     scores = teacher_forced_scores(model, tokenizer, prompts, options, batch_size=2)
     for got, ids, opts in zip(scores, prompts, options):

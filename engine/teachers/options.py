@@ -80,27 +80,27 @@ def teacher_forced_scores(model, tokenizer, prompts: list[list[int]], options: l
     """Per row, the mean log-prob per token of each option's ids right after the row's prompt ids.
 
     Sequences (one per row and option) are batched by length, padded on the left with explicit
-    position ids as generation runs them; only the option positions go through the head.
+    position ids as generation runs them; only the option positions go through the head. A row whose
+    options are all one token long (labels such as "positive", "sports") is read once: the teacher's
+    distribution right after its prompt holds every option's log-prob, so one pass scores them all.
     """
-    pairs = sorted(((r, j) for r, opts in enumerate(options) for j in range(len(opts))),
+    single = [all(len(o) == 1 for o in opts) for opts in options]
+    pairs = sorted(((r, j) for r, opts in enumerate(options) for j in range(1 if single[r] else len(opts))),
                    key=lambda rj: len(prompts[rj[0]]) + len(options[rj[0]][rj[1]]))
     scores = [np.zeros(len(opts), dtype=np.float64) for opts in options]
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
-        means = _forced_batch(model, tokenizer, [prompts[r] for r, _ in batch], [options[r][j] for r, j in batch])
-        for (r, j), mean in zip(batch, means):
-            scores[r][j] = mean
+        logprobs = continuation_logprobs(model, tokenizer, [prompts[r] for r, _ in batch],
+                                         [options[r][j] for r, j in batch])
+        keep = logprobs.shape[1]
+        for b, (r, j) in enumerate(batch):  # all rows end together: row b's predictions are its last positions
+            if single[r]:
+                ids = torch.tensor([o[0] for o in options[r]])
+                scores[r][:] = logprobs[b, keep - 1].gather(-1, ids).double().numpy()
+            else:
+                o = options[r][j]
+                scores[r][j] = float(logprobs[b, keep - len(o):].gather(-1, torch.tensor(o).unsqueeze(-1)).mean())
     return scores
-
-
-def _forced_batch(model, tokenizer, prompts: list[list[int]], options: list[list[int]]) -> list[float]:
-    logprobs = continuation_logprobs(model, tokenizer, prompts, options)
-    keep = logprobs.shape[1]
-    means = []
-    for b, o in enumerate(options):  # all rows end together: row b's predictions are its last len(o) positions
-        chosen = logprobs[b, keep - len(o):].gather(-1, torch.tensor(o).unsqueeze(-1))
-        means.append(float(chosen.mean()))
-    return means
 
 
 # --- first_token ------------------------------------------------------------------------------
