@@ -447,12 +447,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student", type=json.loads, default=STUDENT,
                         help="the student to train, as a spec writes it, in JSON (default: the demo's tenth)")
     parser.add_argument("--progress", action="store_true", help="show the engine's progress bars")
-    parser.add_argument("--show", type=Path, help="print the table of an earlier run's JSON, run nothing")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="specs benched at once, each in its own process and its own store under --store "
+                             "(one torch thread each: on 2 cores, --jobs 2 halves the wall time of two specs)")
+    parser.add_argument("--show", type=Path, nargs="+", help="print the tables of earlier runs' JSON, run nothing")
     args = parser.parse_args(argv)
     console = Console(width=200) if not Console().is_terminal else Console()
     if args.show:
-        print(markdown(json.loads(args.show.read_text())["specs"]))
+        print(markdown([spec for path in args.show for spec in json.loads(path.read_text())["specs"]]))
         return
+    paths = args.spec or [Path(p) for p in DEFAULT_SPECS]
+    if args.jobs > 1 and len(paths) > 1:
+        return in_processes(paths, args, argv if argv is not None else sys.argv[1:], console)
     seeds = QUICK_SEEDS if args.quick else list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
     only = set(args.only.split(",")) if args.only else None
     threads = set_threads()
@@ -462,16 +468,67 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bench = Settings(store.open(Path(tmp) / "store" if args.fresh else args.store), seeds, args.quick,
                          args.progress, args.student, console)
-        results = [bench_one(path, only, bench) for path in (args.spec or map(Path, DEFAULT_SPECS))]
-    wall = time.perf_counter() - began
+        results = [bench_one(path, only, bench) for path in paths]
+    write_results(args, results, {"threads": threads, "seeds": seeds, "quick": args.quick,
+                                  "wall_s": time.perf_counter() - began, "machine": machine()}, console)
+
+
+def write_results(args, results: list[dict], header: dict, console: Console) -> None:
     table = markdown(results)
     print(table)  # as is: markdown, never wrapped
     out = args.out or Path("out/bench") / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": threads, "seeds": seeds, "quick": args.quick, "wall_s": wall,
-                               "machine": machine(), "specs": results}, indent=2, default=str))
+    out.write_text(json.dumps({**header, "specs": results}, indent=2, default=str))
     out.with_suffix(".md").write_text(table + "\n")
-    console.print(f"wall {wall:.0f} s; figures written to {out} and {out.with_suffix('.md')}", highlight=False)
+    console.print(f"wall {header['wall_s']:.0f} s; figures written to {out} and {out.with_suffix('.md')}",
+                  highlight=False)
+
+
+def in_processes(paths: list[Path], args, argv: list[str], console: Console) -> None:
+    """Each spec in its own process (its own store: two processes never write one), --jobs at a time;
+    their figures are merged into one JSON and one table."""
+    import subprocess
+
+    passed = _without(argv, {"--spec", "--store", "--out", "--jobs"})
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        pending, running, outs = list(paths), [], []
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                path = pending.pop(0)
+                out = Path(tmp) / f"{len(outs)}-{path.stem}.json"
+                command = [sys.executable, __file__, "--spec", str(path), "--store", str(args.store / path.stem),
+                           "--out", str(out), *passed]
+                log = args.store / path.stem / "quality.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                console.print(f"started {path}: its store {log.parent}, its log {log}", highlight=False)
+                with log.open("w") as sink:
+                    running.append((path, subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)))
+                outs.append(out)
+            time.sleep(1)
+            for path, process in [r for r in running if r[1].poll() is not None]:
+                running.remove((path, process))
+                if process.returncode:
+                    for _, other in running:
+                        other.terminate()
+                    raise SystemExit(f"bench/quality.py on {path} failed (exit {process.returncode})")
+        runs = [json.loads(out.read_text()) for out in outs]
+    results = [spec for run in runs for spec in run["specs"]]
+    write_results(args, results, {**{k: runs[0][k] for k in ("threads", "seeds", "quick", "machine")},
+                                  "jobs": args.jobs, "wall_s": time.perf_counter() - began}, console)
+
+
+def _without(argv: list[str], options: set[str]) -> list[str]:
+    """argv less the given options and their values (`--opt value` or `--opt=value`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif arg.split("=", 1)[0] not in options:
+            out.append(arg)
+    return out
 
 
 def machine() -> str:

@@ -110,3 +110,9 @@ def test_an_arm_the_spec_gives_nothing_to_change_is_listed_as_not_applicable(qua
     reasons = {a.name: a.applies(raw) for a in quality.arms_for(raw)}
     assert "teacher-written" in reasons["no-variations"] and "answer set" in reasons["options-kd"]
     assert reasons["random"] is None and reasons["hard"] is None
+
+
+def test_a_spec_run_in_its_own_process_gets_the_other_options_but_its_own_spec_store_and_out(quality):
+    argv = ["--spec", "a.yaml", "--spec=b.yaml", "--jobs", "2", "--seeds", "0,1", "--store", "s", "--quick",
+            "--out=o.json"]
+    assert quality._without(argv, {"--spec", "--store", "--out", "--jobs"}) == ["--seeds", "0,1", "--quick"]
