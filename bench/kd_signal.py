@@ -346,20 +346,10 @@ def _row(arm: dict, reference: dict, shared: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", action="append", type=Path,
-                        help="spec to bench (repeatable; default: " + " and ".join(DEFAULT_SPECS) + ")")
-    parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (default 0,1,2)")
-    parser.add_argument("--only", help="arms to run besides top20, comma-separated (default: all)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: seeds {quality.QUICK_SEEDS}, at most {quality.QUICK_STEPS} steps")
-    parser.add_argument("--store", type=Path, default=Path("out/bench-store"),
-                        help="store the bench curates and trains into; cached across runs (default out/bench-store)")
-    parser.add_argument("--fresh", action="store_true", help="use a new temporary store: every cost is paid again")
-    parser.add_argument("--out", type=Path, help="JSON of every figure (default out/bench/kd_signal-<time>.json)")
-    parser.add_argument("--student", type=json.loads, default=STUDENT,
-                        help="the student every arm trains, as a spec writes it, in JSON (default: tenth, full "
-                             "vocabulary)")
-    parser.add_argument("--progress", action="store_true", help="show the engine's progress bars")
+    quality.bench_arguments(parser, specs=DEFAULT_SPECS, student=STUDENT,
+                            only_help="arms to run besides top20, comma-separated (default: all)",
+                            student_help="the student every arm trains, as a spec writes it, in JSON (default: "
+                                         "tenth, full vocabulary)")
     parser.add_argument("--show", type=Path, help="print the table of an earlier run's JSON, run nothing")
     args = parser.parse_args(argv)
     if args.show:

@@ -432,21 +432,27 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_arguments(parser, *, specs: list[str], student: dict, student_help: str, only_help: str) -> None:
+    """The options this bench shares with its siblings (bench/kd_signal.py)."""
     parser.add_argument("--spec", action="append", type=Path,
-                        help="spec to bench (repeatable; default: " + " and ".join(DEFAULT_SPECS) + ")")
+                        help="spec to bench (repeatable; default: " + " and ".join(specs) + ")")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (default 0,1,2)")
-    parser.add_argument("--only", help="arms to run besides the base, comma-separated (default: all)")
+    parser.add_argument("--only", help=only_help)
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: seeds {QUICK_SEEDS}, at most {QUICK_STEPS} steps")
     parser.add_argument("--store", type=Path, default=Path("out/bench-store"),
                         help="store the bench curates and trains into; cached across runs (default out/bench-store)")
     parser.add_argument("--fresh", action="store_true", help="use a new temporary store: every cost is paid again")
-    parser.add_argument("--out", type=Path, help="JSON of every figure (default out/bench/quality-<time>.json)")
-    parser.add_argument("--student", type=json.loads, default=STUDENT,
-                        help="the student to train, as a spec writes it, in JSON (default: the demo's tenth)")
+    parser.add_argument("--out", type=Path, help="JSON of every figure (default out/bench/<bench>-<time>.json)")
+    parser.add_argument("--student", type=json.loads, default=student, help=student_help)
     parser.add_argument("--progress", action="store_true", help="show the engine's progress bars")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bench_arguments(parser, specs=DEFAULT_SPECS, student=STUDENT, only_help="arms to run besides the base, "
+                    "comma-separated (default: all)",
+                    student_help="the student to train, as a spec writes it, in JSON (default: the demo's tenth)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="specs benched at once, each in its own process and its own store under --store "
                              "(one torch thread each: on 2 cores, --jobs 2 halves the wall time of two specs)")

@@ -18,11 +18,10 @@ Each row: {"text", "category" (the language: the coverage bucket), "answer" (the
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from task_data import write_task
+
 SEED = 7
 
 CLAUSES = {
@@ -206,19 +205,8 @@ def heldout() -> list[dict]:
     return rows
 
 
-def write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    print(f"wrote {path.relative_to(HERE.parents[1])}: {len(rows)} rows")
-
-
 def main() -> None:
-    train, held = pool(), heldout()
-    seen = {r["text"].lower() for r in train}
-    assert not any(r["text"].lower() in seen for r in held), "a held-out text is in the pool"
-    assert len({r["text"] for r in train}) == len(train), "repeated text in the pool"
-    write(HERE / "data" / "language.jsonl", train)
-    write(HERE / "data" / "language_heldout.jsonl", held)
+    write_task("language", pool(), heldout())
 
 
 if __name__ == "__main__":
