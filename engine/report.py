@@ -179,10 +179,12 @@ def augmentation_yield(examples: pl.DataFrame, rejections: pl.DataFrame | None, 
     from engine.teachers.answers import normalise_answer
 
     labels = set(examples["label"].drop_nulls().to_list()) if "label" in examples.columns else set()
-    variations = examples.filter(pl.col("template_id").is_not_null())
+    # Per template file: a template_id also names the entry's vars (`frame.j2#lead=...`), one per combination.
+    variations = examples.filter(pl.col("template_id").is_not_null()).with_columns(
+        _template=pl.col("template_id").str.split("#").list.first())
     rows = []
-    for template in sorted(set(variations["template_id"].to_list()) | set(made)):
-        mine = variations.filter(pl.col("template_id") == template)
+    for template in sorted(set(variations["_template"].to_list()) | set(made)):
+        mine = variations.filter(pl.col("_template") == template)
         graded = mine.filter(pl.col("label").is_not_null()) if labels and "answer" in mine.columns else mine.clear()
         correct = sum(normalise_answer(a or "", labels) == normalise_answer(g, labels)
                       for a, g in graded.select("answer", "label").iter_rows()) if graded.height else 0
@@ -193,7 +195,7 @@ def augmentation_yield(examples: pl.DataFrame, rejections: pl.DataFrame | None, 
 
 
 def _variations_made(examples: pl.DataFrame, rejections: pl.DataFrame | None, spec) -> dict[str, int]:
-    """Variations each template made in the first round: the rejections table keeps no template_id, so
+    """Variations each template file made in the first round: the rejections table keeps no template_id, so
     this re-draws each augment entry's combinations over the originals that reached augmentation (they
     depend on the entry and the parent's id only). Top-up rounds' variations are not counted."""
     if spec is None or not spec.augment:
@@ -208,7 +210,7 @@ def _variations_made(examples: pl.DataFrame, rejections: pl.DataFrame | None, sp
     for pid, category in pl.concat(originals).unique("prompt_id").iter_rows():
         for entry in entries_for(spec, category):
             for combo in combinations(entry, pid):
-                name = template_id(entry, combo)
+                name = template_id(entry, combo).split("#", 1)[0]
                 made[name] = made.get(name, 0) + 1
     return made
 
