@@ -9,11 +9,9 @@ is None (never a guess), and it matches no label and agrees with no other answer
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections import Counter
 
-_PUNCT = re.compile(r"[^\w\s]")
+from engine.text import normalise_text
 
 
 def split_answer(response: str, marker: str | None) -> tuple[str, str | None]:
@@ -28,11 +26,6 @@ def split_answer(response: str, marker: str | None) -> tuple[str, str | None]:
         return response.strip(), None
     reasoning, _, answer = response.rpartition(marker)
     return reasoning.strip(), answer.strip()
-
-
-def normalise_text(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).lower()
-    return " ".join(_PUNCT.sub(" ", text).split())
 
 
 def normalise_answer(answer: str | None, labels: set[str] | frozenset[str] = frozenset()) -> str:
