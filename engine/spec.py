@@ -12,7 +12,6 @@ import json
 import math
 import re
 import sys
-import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +20,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidat
                       ValidationError, ValidationInfo, field_validator, model_validator)
 
 from engine.errors import SpecError
+from engine.text import normalise_text
 
 
 class Strict(BaseModel):
@@ -170,6 +170,44 @@ class Retries(Strict):
     max_wait: float = Field(60.0, gt=0)  # longest wait between tries, a server's Retry-After included
 
 
+class Endpoint(Strict):
+    """One server of a pool (teacher.base_url as a list): the same model behind every one."""
+    url: str
+    concurrency: int | None = Field(None, ge=1, le=256)  # requests in flight at once here; none: max_concurrency
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _server_url(value)
+
+
+def _server_url(value: str) -> str:
+    """An http(s) URL without credentials (it is recorded in lineage and error messages), no trailing slash."""
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise ValueError(f"{_short(value)} is not a URL ({e})") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"{_short(value)} is not an http(s) URL such as http://127.0.0.1:8000/v1")
+    if url.username or url.password or url.query or url.fragment:
+        # A secret must come from api_key_env.
+        raise ValueError("must hold no user, password, query or fragment: give the key through api_key_env")
+    return value.rstrip("/")
+
+
+def _endpoint(i: int, value) -> Endpoint:
+    """Entry i of a base_url list (a URL or {url, concurrency}); one error naming the entry, not the union's two."""
+    try:
+        return Endpoint.model_validate({"url": value} if isinstance(value, str) else value)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = "".join(f".{x}" for x in first["loc"])
+        raise ValueError(f"entry {i}{where}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
 # backend: openai only; `model` is then the name the server serves.
 OPENAI_FIELDS = ("base_url", "api_key_env", "tokenizer", "max_concurrency", "timeout", "retries", "extra_body")
 # What the openai backend sets in each request from the spec itself: extra_body may not override it.
@@ -207,7 +245,8 @@ class Teacher(Strict):
     # the weights in bf16 (log-probs still in float32). Not in the fingerprint: rows agree within float tolerance.
     device: str = "cpu"
     # backend: openai (an OpenAI-compatible chat-completions server: OpenAI, vLLM, llama.cpp)
-    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1
+    # e.g. http://127.0.0.1:8000/v1; a list (of URLs or {url, concurrency}): a pool of servers of the same model
+    base_url: str | list[Endpoint] | None = None
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the variable's name, never the key
     tokenizer: str | None = None  # the model's tokenizer here: a bundled alias, a local HF folder or a .gguf file
     max_concurrency: int = Field(4, ge=1, le=256)
@@ -245,24 +284,26 @@ class Teacher(Strict):
             raise ValueError(f"{', '.join(taken)}: set by the backend from the spec (generation, logprobs, model)")
         return value
 
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _base_url(cls, value):
+        if value is None or isinstance(value, str):
+            return None if value is None else _server_url(value)
+        if not isinstance(value, list):
+            return value  # pydantic names the type it wants
+        if not value:
+            raise ValueError("an empty list: give one URL or several")
+        return [_endpoint(i, v) for i, v in enumerate(value)]
+
     @field_validator("base_url")
     @classmethod
-    def _base_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        from urllib.parse import urlsplit
-
-        try:
-            url = urlsplit(value)
-            url.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError as e:
-            raise ValueError(f"{_short(value)} is not a URL ({e})") from None
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"{_short(value)} is not an http(s) URL such as http://127.0.0.1:8000/v1")
-        if url.username or url.password or url.query or url.fragment:
-            # The URL is recorded in lineage and error messages: a secret must come from api_key_env.
-            raise ValueError("must hold no user, password, query or fragment: give the key through api_key_env")
-        return value.rstrip("/")
+    def _distinct_endpoints(cls, value):
+        if isinstance(value, list):
+            urls = [e.url for e in value]
+            twice = sorted({u for u in urls if urls.count(u) > 1})
+            if twice:
+                raise ValueError(f"{', '.join(twice)} listed twice: give an endpoint once, with its concurrency")
+        return value
 
     @model_validator(mode="after")
     def _backend_fields(self):
@@ -365,20 +406,13 @@ def _is_folder(path: Path) -> bool:
         return False
 
 
-def answer_key(text: str) -> str:
-    """An answer as answers are compared (engine.teachers.answers.normalise_text; a test holds them equal):
-    NFKC, lower-cased, punctuation dropped. Not imported from there: a stage's cache key covers the code
-    it imports, and every stage imports the spec."""
-    return " ".join(re.sub(r"[^\w\s]", " ", unicodedata.normalize("NFKC", text).lower()).split())
-
-
 def _option_set(options: list[str]) -> list[str]:
     """A fixed answer set: at least 2 options, each a different answer as answers are compared."""
     if len(options) < 2:
         raise ValueError(f"give at least 2 options (got {len(options)}): the teacher's distribution is over them")
     seen: dict[str, str] = {}
     for option in options:
-        key = answer_key(option)
+        key = normalise_text(option)
         if not key:
             raise ValueError(f"option {_short(option)} has no letter or digit: answers are compared without "
                              "punctuation, so it would match no answer")

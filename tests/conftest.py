@@ -166,13 +166,6 @@ def llama_server(tmp_path_factory):
     student; `--chat_format chatml` would drop that system prompt. Its log is server.log under the
     fixture's tmp folder. Without llama_cpp installed the tests skip here and fail under CI=true.
     """
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx2
-
     try:
         import llama_cpp.server.app  # noqa: F401 - the server and its own dependencies (fastapi, uvicorn...)
     except ImportError as e:
@@ -181,45 +174,8 @@ def llama_server(tmp_path_factory):
         if _ci():
             pytest.fail(f"{message}; CI must run the real-server tests of the openai backend", pytrace=False)
         pytest.skip(message)
-    from engine.models import locate
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(locate(LLAMA_SERVER_MODEL)),
-               "--model_alias", LLAMA_SERVER_MODEL, "--host", "127.0.0.1", "--port", str(port),
-               # One thread: on a shared 2-core machine a 2-thread llama.cpp stalls at every barrier
-               # (measured here: 3.5 s a token instead of 0.03 s).
-               "--n_ctx", "1024", "--n_threads", "1", "--n_threads_batch", "1"]
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-
-    def tail() -> str:
-        return log_path.read_text(errors="replace")[-2000:]
-
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited with {server.returncode}:\n{tail()}", pytrace=False)
-            try:
-                if httpx2.get(f"{url}/models", timeout=5).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server did not answer on {url} within 180 s:\n{tail()}", pytrace=False)
-            time.sleep(0.25)
+    with _llama_server_process(tmp_path_factory, "llama-server") as url:
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture
@@ -258,3 +214,65 @@ def syllabus(capsys, monkeypatch):
         return (0 if code is None else code), captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def second_llama_server(llama_server, tmp_path_factory):
+    """A second llama-cpp-python server on another port, serving the same bundled GGUF under the same name
+    (an endpoint pool's other member). Started after the first, so the two do not load at once on 2 cores."""
+    with _llama_server_process(tmp_path_factory, "llama-server-2") as url:
+        yield url
+
+
+def _llama_server_process(tmp_path_factory, name: str):
+    """llama_cpp.server on the bundled GGUF: a context manager giving its base URL; its log is server.log
+    under a tmp folder called `name`."""
+    import contextlib
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx2
+
+    from engine.models import locate
+
+    @contextlib.contextmanager
+    def serving():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log_path = tmp_path_factory.mktemp(name) / "server.log"
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(locate(LLAMA_SERVER_MODEL)),
+                   "--model_alias", LLAMA_SERVER_MODEL, "--host", "127.0.0.1", "--port", str(port),
+                   # One thread: on a shared 2-core machine a 2-thread llama.cpp stalls at every barrier
+                   # (measured here: 3.5 s a token instead of 0.03 s).
+                   "--n_ctx", "1024", "--n_threads", "1", "--n_threads_batch", "1"]
+        with open(log_path, "wb") as log:
+            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                if server.poll() is not None:
+                    pytest.fail(f"llama_cpp.server exited with {server.returncode}:\n"
+                                f"{log_path.read_text(errors='replace')[-2000:]}", pytrace=False)
+                try:
+                    if httpx2.get(f"{url}/models", timeout=5).status_code == 200:
+                        break
+                except httpx2.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"llama_cpp.server did not answer on {url} within 180 s:\n"
+                                f"{log_path.read_text(errors='replace')[-2000:]}", pytrace=False)
+                time.sleep(0.25)
+            yield url
+        finally:
+            server.terminate()
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+    return serving()

@@ -6,6 +6,9 @@ Chat-completion requests take the next fault of `faults` (in order of arrival), 
     "429"   answer 429 with Retry-After: `retry_after` seconds, without forwarding
     "slow"  hold the request `slow_seconds` (past the client's timeout), then close, without forwarding
     "drop"  close the connection without an answer, without forwarding
+    "die"   the proxy dies as a crashed server would: this request and every later one (on a kept-alive
+            connection) is dropped, new connections are refused, and an answer the server gives after
+            the death is thrown away (counted in `lost`: work the server did that no client got)
 
 Everything else is forwarded. `received` counts what reached the proxy; `answered` counts, per
 prompt (the last message's content), the chat requests the server answered with 200. With
@@ -37,6 +40,8 @@ class FaultProxy:
         self.received: Counter = Counter()  # path -> requests that reached the proxy
         self.injected: Counter = Counter()  # fault -> times injected
         self.answered: Counter = Counter()  # prompt -> chat requests the server answered with 200
+        self.lost: Counter = Counter()  # prompt -> answers the server gave after "die", never delivered
+        self.dead = False
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -53,6 +58,11 @@ class FaultProxy:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(10)
+
+    def _stop_listening(self) -> None:
+        """New connections are refused from now on (connections already open are dropped by the handler)."""
+        self.server.shutdown()
+        self.server.server_close()
 
     def reset_counts(self) -> None:
         with self.lock:
@@ -77,6 +87,8 @@ class FaultProxy:
 
             def _serve(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.dead:
+                    return self._drop()
                 chat = self.path.endswith("/chat/completions")
                 with proxy.lock:
                     proxy.received[self.path] += 1
@@ -97,6 +109,10 @@ class FaultProxy:
                     except OSError:
                         pass
                     return
+                if fault == "die":
+                    proxy.dead = True
+                    threading.Thread(target=proxy._stop_listening, daemon=True).start()
+                    return self._drop()
                 if fault is not None:
                     raise ValueError(f"unknown fault {fault!r}")
                 self._forward(body, chat)
@@ -112,6 +128,11 @@ class FaultProxy:
                     status, kind = response.status, response.getheader("Content-Type", "application/json")
                 finally:
                     upstream.close()
+                if proxy.dead:  # the server did the work; a dead proxy cannot deliver it
+                    if chat and status == 200:
+                        with proxy.lock:
+                            proxy.lost[json.loads(body)["messages"][-1]["content"]] += 1
+                    return self._drop()
                 if chat and status == 200:
                     prompt = json.loads(body)["messages"][-1]["content"]
                     with proxy.lock:
@@ -122,6 +143,13 @@ class FaultProxy:
                             choice["logprobs"] = None
                         data = json.dumps(answer).encode()
                 self._reply(status, data, {"Content-Type": kind})
+
+            def _drop(self):
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
             def _reply(self, status: int, data: bytes, headers: dict | None = None):
                 self.send_response(status)

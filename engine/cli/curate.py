@@ -153,12 +153,15 @@ SeedsOption = typer.Option(None, "--seeds", help="train or score each student on
 def train(spec: Path = typer.Argument(..., help="spec file (YAML)"),
           dataset: Optional[str] = typer.Option(None, "--dataset", help="version to train on (default: NAME@latest)"),
           seeds: Optional[str] = SeedsOption,
+          nproc: int = typer.Option(1, "--nproc", help="processes to shard each batch across (gloo on CPU, nccl "
+                                                       "on CUDA: one GPU each); the same steps as one process"),
           store: Optional[Path] = StoreOption, quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Train every student of the spec from one pinned dataset version, in one pass (one run per seed)."""
     from engine.train import runs as training
 
     s = _spec(spec)
-    for seed, result in training.train_seeds(s, open_store(store), dataset, _seeds(seeds), progress=not quiet):
+    for seed, result in training.train_seeds(s, open_store(store), dataset, _seeds(seeds), progress=not quiet,
+                                             nproc=nproc):
         verb = "trained" if result.created else "already trained"
         at = "" if seed is None else f" (seed {seed})"
         out.print(f"{verb}: {', '.join(result.students)} on {result.dataset_ref}{at} -> {result.run_dir}")

@@ -263,6 +263,8 @@ class Teach(Stage):
         if prompts and not prompts[0].plain:  # what lineage shows of the teacher's context (the first row's)
             stats["teacher_context"] = prompts[0].context()
         stats.update(order_stats)
+        if isinstance(getattr(spec.teacher, "base_url", None), list) and ctx.teacher is not None:
+            stats["endpoints"] = ctx.teacher.endpoint_stats()  # a pool: who answered what, who was taken out
         dropped = rejections(bad, self.name, pl.Series([p for p in problems if p is not None], dtype=pl.String))
         if skipped is not None and skipped.height:  # rows teach.order: selection never asked
             dropped = pl.concat([dropped, skipped])

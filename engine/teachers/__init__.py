@@ -45,14 +45,19 @@ def teacher_fingerprint(spec_teacher) -> str:
 
     backend openai: the server's host and path, the served model's name and the tokenizer that
     maps its tokens to ids; never the key (nor the variable holding it, nor the URL's scheme).
+    A pool (base_url: a list) serves one model from every endpoint (checked when it loads), so
+    which endpoints serve it is no part of what it answers: "pool" stands for them.
     """
     from engine.models import fingerprint
 
     if spec_teacher.backend == "openai":
         from urllib.parse import urlsplit
 
-        url = urlsplit(spec_teacher.base_url)
-        where = f"{url.hostname}{f':{url.port}' if url.port else ''}{url.path.rstrip('/')}"
+        if isinstance(spec_teacher.base_url, list):
+            where = "pool"
+        else:
+            url = urlsplit(spec_teacher.base_url)
+            where = f"{url.hostname}{f':{url.port}' if url.port else ''}{url.path.rstrip('/')}"
         found = f"openai:{where}/{spec_teacher.model}+tokenizer:{fingerprint(spec_teacher.tokenizer)}"
         if spec_teacher.extra_body:  # a server's own sampling options change its answers
             extra = json.dumps(spec_teacher.extra_body, sort_keys=True, ensure_ascii=False)

@@ -5,13 +5,16 @@ conversation as `messages` (teacher.system, teacher.messages, then the prompt as
 teacher.chat: false, one `POST {base_url}/completions` with the plain `prompt` and `logprobs: k` (the
 completions API's form: per token its text, log-prob and a {text: log-prob} map of the top k, which
 llama.cpp's server and vLLM answer), read into the same columns. Up to `max_concurrency` run at once
-(a thread pool over one httpx2 client), and every answer is handed to `on_batch` as soon as it
-arrives, so the request cache commits it at once.
+(threads over one httpx2 client), and every answer is handed to `on_batch` as soon as it
+arrives, so the request cache commits it at once. base_url may be a list: a pool of servers of the
+same model, each with its own concurrency, where a failing one is taken out and its requests move to
+the others (engine/teachers/endpoints.py).
 
 Timeouts, connection errors, 429 and 5xx are retried with exponential backoff (a server's
 Retry-After is honoured, up to `retries.max_wait`); any other error status fails at once. The
 constructor asks `GET {base_url}/models` (with the same retries) so that an unreachable or
-misconfigured server fails before any work, in one line naming the URL and what was tried.
+misconfigured server fails before any work, in one line naming the URL and what was tried; in a pool
+an endpoint that does not answer is left out with a warning, and all must serve the same model.
 
 Token ids: a server that gives them ("token_id:123", vLLM's `--return-tokens-as-token-ids`) is
 taken at its word; otherwise each token's `bytes` (when present) or its text is mapped to an id
@@ -36,22 +39,19 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 
 from engine.errors import TeacherError
 from engine.teachers import TeacherOutput, teacher_fingerprint
+from engine.teachers.endpoints import Cancelled, Endpoint, EndpointFailed, EndpointPool, urls_of
 
 log = logging.getLogger(__name__)
 
 NO_LOGPROBS = ("answered without logprobs: the server must return them (llama_cpp.server: --logits_all true; "
                "vLLM: --max-logprobs at least logprobs.top_k; hosted APIs: a model that supports logprobs)")
-
-
-class _Cancelled(Exception):
-    """A request given up because another one failed or the run was interrupted."""
 
 
 def api_key(spec_teacher) -> str | None:
@@ -62,7 +62,7 @@ def api_key(spec_teacher) -> str | None:
     key = os.environ.get(name, "").strip()
     if not key:
         raise TeacherError(f"teacher.api_key_env: the environment variable {name} is not set (it holds the API key "
-                           f"for {spec_teacher.base_url})")
+                           f"for {urls_of(spec_teacher)})")
     return key
 
 
@@ -77,15 +77,15 @@ class OpenAITeacher:
         self.fingerprint = teacher_fingerprint(spec_teacher)
         key = api_key(spec_teacher)  # before anything slow: a missing variable is said at once
         self._secret = key
-        self.base_url = spec_teacher.base_url.rstrip("/")
+        self.pool = EndpointPool(spec_teacher)
         self.tokenizer = load_tokenizer(spec_teacher.tokenizer)
         self.mapper = token_mapper(self.tokenizer)
         t = spec_teacher.timeout
+        connections = sum(e.concurrency for e in self.pool.endpoints)
         self._client = httpx2.Client(
             headers={"Authorization": f"Bearer {key}"} if key else {},
             timeout=httpx2.Timeout(t.read, connect=t.connect),
-            limits=httpx2.Limits(max_connections=spec_teacher.max_concurrency,
-                                 max_keepalive_connections=spec_teacher.max_concurrency),
+            limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections),
             transport=transport,
             follow_redirects=False,
         )
@@ -94,7 +94,7 @@ class OpenAITeacher:
         self._lock = threading.Lock()
         self.stats: Counter = Counter()  # requests, retries, answers, unmapped_tokens, absent_topk, prompt_mismatch
         self._warned_prompt = False
-        self._check_server()
+        self._probe()
 
     # --- the protocol ---------------------------------------------------------
 
@@ -112,38 +112,21 @@ class OpenAITeacher:
         prompts = [as_conversation(p) for p in prompts]
         expected = [len(prompt_ids(self.tokenizer, p)) for p in prompts]
         outputs: list[TeacherOutput | None] = [None] * len(prompts)
-        stop = threading.Event()
-        pool = ThreadPoolExecutor(max_workers=self.spec.max_concurrency, thread_name_prefix="teacher")
-        futures = {pool.submit(self._answer, p, n, max_new_tokens, stop): i
-                   for i, (p, n) in enumerate(zip(prompts, expected))}
-        error: BaseException | None = None
-        try:
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in sorted(done, key=futures.get):
-                    if future.cancelled():
-                        continue
-                    problem = future.exception()
-                    if problem is not None:
-                        if error is None or isinstance(error, _Cancelled):
-                            error = problem
-                        stop.set()  # waiting retries give up; queued requests never start
-                        for f in pending:
-                            f.cancel()
-                        continue
-                    i = futures[future]
-                    outputs[i] = future.result()
-                    if on_batch:
-                        on_batch([i], [outputs[i]])
-        except BaseException:  # Ctrl-C: nothing new starts; requests in flight end within their timeout
-            stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
-        if error is not None:
-            raise error
+
+        def answer(i: int, endpoint: Endpoint) -> TeacherOutput:
+            return self._answer(prompts[i], expected[i], max_new_tokens, endpoint)
+
+        def hand_over(i: int, output: TeacherOutput) -> None:
+            outputs[i] = output
+            if on_batch:
+                on_batch([i], [output])
+
+        self.pool.run(len(prompts), answer, hand_over)
         return outputs  # type: ignore[return-value]
+
+    def endpoint_stats(self) -> list[dict]:
+        """Per endpoint: requests sent, answers, tokens, failures, lost answers, requests moved, when taken out."""
+        return self.pool.report()
 
     def close(self) -> None:
         self._client.close()
@@ -153,32 +136,24 @@ class OpenAITeacher:
         the prompt, from `POST /completions` with `echo: true, logprobs: 1` (option scoring,
         engine/teachers/options.py): (sum of its tokens' log-probs, their number as the server split it), or
         None where the echoed tokens before the answer do not end by spelling the continuation. Up to
-        max_concurrency requests at once; the first that fails for good stops the rest and is raised."""
-        stop = threading.Event()
+        max_concurrency requests at once (per endpoint); the first that fails for good stops the rest and is raised."""
+        found: list[tuple[float, int] | None] = [None] * len(pairs)
 
-        def echo(pair: tuple[str, str]) -> tuple[float, int] | None:
-            text, tail = pair
+        def echo(i: int, endpoint: Endpoint) -> tuple[float, int] | None:
+            text, tail = pairs[i]
             body = {**self.spec.extra_body, "model": self.spec.model, "prompt": text + tail, "max_tokens": 1,
                     "temperature": 0.0, "echo": True, "logprobs": 1, "n": 1, "stream": False}
-            try:
-                data = self._request("POST", "/completions", body, stop)
-            except BaseException:
-                stop.set()
-                raise
+            data = self._request("POST", "/completions", body, endpoint)
+            self._count_answer(endpoint, data)
             return _echoed_logprob(data, tail)
 
-        with ThreadPoolExecutor(max_workers=self.spec.max_concurrency, thread_name_prefix="teacher") as pool:
-            futures = [pool.submit(echo, p) for p in pairs]
-            wait(futures)
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:  # the failure itself, not a request it cancelled
-            raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
-        return [f.result() for f in futures]
+        self.pool.run(len(pairs), echo, found.__setitem__)
+        return found
 
     # --- one request ----------------------------------------------------------
 
     def _answer(self, prompt, expected_prompt_tokens: int, max_new_tokens: int | None,
-                stop: threading.Event) -> TeacherOutput:
+                endpoint: Endpoint) -> TeacherOutput:
         """One request: a chat (`messages`, /chat/completions) or, for chat: false, plain text (/completions)."""
         gen = self.spec.generation
         body = {
@@ -195,14 +170,9 @@ class OpenAITeacher:
             body.update(messages=prompt.messages(), logprobs=True, top_logprobs=self.spec.logprobs.top_k)
         else:
             body.update(prompt=prompt.prompt, logprobs=self.spec.logprobs.top_k)
-        try:
-            data = self._request("POST", "/chat/completions" if prompt.chat else "/completions", body, stop)
-            out = self._parse(data, chat=prompt.chat)
-        except _Cancelled:
-            raise
-        except BaseException:
-            stop.set()  # set here, not when the caller hears of it: this worker's next request must not start
-            raise
+        data = self._request("POST", "/chat/completions" if prompt.chat else "/completions", body, endpoint)
+        self._count_answer(endpoint, data)  # answered: never asked again, whatever its parsing says
+        out = self._parse(data, chat=prompt.chat, url=endpoint.url)
         usage = data.get("usage") or {}
         with self._lock:
             self.stats["answers"] += 1
@@ -214,19 +184,25 @@ class OpenAITeacher:
                     if prompt.chat:
                         log.warning("teacher %s read %d prompt tokens where the tokenizer's chat template gives %d: "
                                     "the server's chat template differs from the one students are trained with",
-                                    self.base_url, usage["prompt_tokens"], expected_prompt_tokens)
+                                    endpoint.url, usage["prompt_tokens"], expected_prompt_tokens)
                     else:
                         log.warning("teacher %s read %d prompt tokens where the tokenizer gives %d for the plain "
                                     "prompt: the server tokenizes it otherwise (a begin-of-text token?) than the "
-                                    "students are trained with", self.base_url, usage["prompt_tokens"],
+                                    "students are trained with", endpoint.url, usage["prompt_tokens"],
                                     expected_prompt_tokens)
         return out
 
-    def _request(self, method: str, path: str, body: dict | None = None,
-                 stop: threading.Event | None = None) -> dict:
-        """The JSON of a 200 answer, retrying what a retry can cure; TeacherError (one line) otherwise."""
+    def _count_answer(self, endpoint: Endpoint, data: dict) -> None:
+        usage = data.get("usage") or {}
+        tokens = {k: usage[k] for k in ("prompt_tokens", "completion_tokens") if isinstance(usage.get(k), int)}
+        self.pool.count(endpoint, answers=1, **tokens)
+
+    def _request(self, method: str, path: str, body: dict | None, endpoint: Endpoint) -> dict:
+        """The JSON of a 200 answer, retrying what a retry can cure; TeacherError (one line) otherwise:
+        EndpointFailed when the retries ran out (the server's fault: the pool may take it out)."""
         httpx2 = self._httpx
-        url = self.base_url + path
+        url = endpoint.url + path
+        stop = endpoint.halt
         retries = self.spec.retries
         problem, retry_after = "", None
         for attempt in range(retries.attempts):
@@ -236,20 +212,25 @@ class OpenAITeacher:
                 self._wait(delay, stop)
                 with self._lock:
                     self.stats["retries"] += 1
-            if stop is not None and stop.is_set():
-                raise _Cancelled()
+            if stop.is_set():
+                raise Cancelled()
             retry_after = None
             with self._lock:
                 self.stats["requests"] += 1
+            self.pool.count(endpoint, requests=1)
             try:
                 response = self._client.request(method, url, json=body)
-            except httpx2.TimeoutException as e:
-                problem = f"no answer within the timeout ({type(e).__name__})"
+            except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as e:  # never reached it
+                problem = _transport_problem(e)
+                self.pool.count(endpoint, failures=1)
                 continue
-            except httpx2.TransportError as e:
-                problem = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            except httpx2.TransportError as e:  # sent, no answer back: the server may have done the work
+                problem = _transport_problem(e)
+                self.pool.count(endpoint, failures=1, lost_answers=1)
                 continue
             status = response.status_code
+            if status != 200:
+                self.pool.count(endpoint, failures=1)
             if status == 429 or status >= 500:
                 problem = f"HTTP {status}{_said(response)}"
                 retry_after = _retry_after(response.headers.get("retry-after"))
@@ -266,14 +247,14 @@ class OpenAITeacher:
             try:
                 data = response.json()
             except ValueError:
-                problem = "HTTP 200 with a body that is not JSON"
-                continue
+                data, problem = None, "HTTP 200 with a body that is not JSON"
             if not isinstance(data, dict):
-                problem = "HTTP 200 with JSON that is not an object"
+                problem = problem if data is None else "HTTP 200 with JSON that is not an object"
+                self.pool.count(endpoint, failures=1, lost_answers=1)  # it answered, unreadably: maybe paid
                 continue
             return data
-        raise TeacherError(self._scrub(f"teacher server: {method} {url} failed after {retries.attempts} "
-                                       f"{'try' if retries.attempts == 1 else 'tries'}: {problem}"))
+        raise EndpointFailed(self._scrub(f"teacher server: {method} {url} failed after {retries.attempts} "
+                                         f"{'try' if retries.attempts == 1 else 'tries'}: {problem}"))
 
     def _wait(self, seconds: float, stop: threading.Event | None) -> None:
         if self._sleep is not None:
@@ -283,14 +264,38 @@ class OpenAITeacher:
         else:
             time.sleep(seconds)
 
-    def _check_server(self) -> None:
-        """Fail before any work when the server cannot be reached or does not serve the model."""
-        data = self._request("GET", "/models")
-        served = [m.get("id") for m in data.get("data") or [] if isinstance(m, dict)]
+    def _probe(self) -> None:
+        """Fail before any work when no server can be reached or one does not serve the model.
+
+        A single URL that does not answer fails the run with its own error; in a pool it is left out
+        with a warning, and all of them not answering is one error naming each."""
+        endpoints = self.pool.endpoints
+        with ThreadPoolExecutor(max_workers=len(endpoints), thread_name_prefix="teacher-probe") as probes:
+            listed = list(probes.map(self._listed_model, endpoints))
+        if not self.pool.live():
+            raise self.pool.none_left("probe")
+        found = {e.url: entry for e, entry in zip(endpoints, listed) if e.taken_out is None}
+        if len({json.dumps(entry, sort_keys=True) for entry in found.values()}) > 1:
+            said = ", ".join(f"{url} {json.dumps(entry, sort_keys=True)}" for url, entry in found.items())
+            raise TeacherError(self._scrub(f"teacher.base_url: the endpoints serve {self.spec.model!r} differently "
+                                           f"(a pool needs the same model behind each): {said}"))
+
+    def _listed_model(self, endpoint: Endpoint) -> dict:
+        """What GET /models says of teacher.model: the fields naming its weights (vLLM's root, parent,
+        max_model_len; llama.cpp's server lists the name only). Left out of the pool when it does not answer."""
+        try:
+            data = self._request("GET", "/models", None, endpoint)
+        except EndpointFailed as e:
+            self.pool.take_out(endpoint, e, "probe")
+            return {}
+        entries = [m for m in data.get("data") or [] if isinstance(m, dict)]
+        served = [m.get("id") for m in entries]
         if served and self.spec.model not in served:
             shown = ", ".join(repr(s) for s in served[:10]) + (f" and {len(served) - 10} more" if len(served) > 10 else "")
-            raise TeacherError(self._scrub(f"teacher.model: {self.spec.model!r} is not served at {self.base_url} "
-                                           f"(GET {self.base_url}/models lists {shown})"))
+            raise TeacherError(self._scrub(f"teacher.model: {self.spec.model!r} is not served at {endpoint.url} "
+                                           f"(GET {endpoint.url}/models lists {shown})"))
+        entry = next((m for m in entries if m.get("id") == self.spec.model), {})
+        return {k: entry[k] for k in ("root", "parent", "max_model_len") if entry.get(k) is not None}
 
     def _scrub(self, message: str) -> str:
         message = " ".join(message.split())  # one line, whatever a server said
@@ -298,11 +303,12 @@ class OpenAITeacher:
 
     # --- one answer -----------------------------------------------------------
 
-    def _parse(self, data: dict, chat: bool = True) -> TeacherOutput:
+    def _parse(self, data: dict, chat: bool = True, url: str | None = None) -> TeacherOutput:
+        url = url or self.pool.endpoints[0].url
         try:
             choice = data["choices"][0]
         except (KeyError, IndexError, TypeError):
-            raise TeacherError(self._scrub(f"teacher server {self.base_url}: an answer without choices "
+            raise TeacherError(self._scrub(f"teacher server {url}: an answer without choices "
                                            f"({json.dumps(data)[:200]})")) from None
         if chat:
             content = (choice.get("message") or {}).get("content") or ""
@@ -311,10 +317,10 @@ class OpenAITeacher:
             content = choice.get("text") or ""
             entries = _completion_entries(choice.get("logprobs"))
         if entries is None or (entries == [] and content):
-            raise TeacherError(f"teacher server {self.base_url} {NO_LOGPROBS}")
+            raise TeacherError(f"teacher server {url} {NO_LOGPROBS}")
         k = self.spec.logprobs.top_k
         if entries and not any(e.get("top_logprobs") for e in entries):
-            raise TeacherError(f"teacher server {self.base_url} {NO_LOGPROBS}".replace("without logprobs",
+            raise TeacherError(f"teacher server {url} {NO_LOGPROBS}".replace("without logprobs",
                                                                                        "without top_logprobs"))
         chosen, unmapped = self.mapper.chosen_ids(entries, content)
         top_ids = np.empty((len(entries), k), dtype=np.int32)
@@ -399,6 +405,12 @@ def _finish_reason(reason) -> str | None:
     if reason in ("stop", "eos", "end_turn", "stop_sequence"):
         return "stop"
     return reason
+
+
+def _transport_problem(e: Exception) -> str:
+    if "Timeout" in type(e).__name__:
+        return f"no answer within the timeout ({type(e).__name__})"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def _said(response) -> str:

@@ -17,7 +17,8 @@ epoch every student's loss on the val split (no grad) is recorded; early stoppin
 Every training.checkpoint_every steps the whole state (engine/train/checkpoint.py) is saved, and
 a run that finds its checkpoint resumes from it with the same batches, to the same weights. The
 students train on training.device: the CPU path is plain float32; on CUDA, forwards run under
-bf16 autocast with the losses in float32 (engine/train/device.py).
+bf16 autocast with the losses in float32 (engine/train/device.py). Under --nproc N each rank runs this
+same loop on its slice of every micro-batch, the gradients summed across ranks (engine/train/distributed.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engine.models import load_causal_lm, set_threads
 from engine.spec import Loss, OnPolicy, Spec, SpecError, Student
+from engine.train import distributed
 from engine.train.data import collate, encode, response_logits, student_conversations
 from engine.train.device import autocast, autocast_dtype, resolve_device, to_device
 from engine.train.hidden import HiddenDistill, check_teacher_layers, decoder_layers
@@ -205,6 +207,7 @@ class Trainee:
         hold the student's own samples (engine/train/on_policy.py)."""
         start = time.perf_counter()
         total = self.accumulate(micro_batches, spec, step, total_steps, on_policy)
+        distributed.sum_gradients(self.parameters())  # --nproc: every rank now holds the global batch's gradient
         self.lrs.append(self.lr * self.scheduler.lr_lambdas[0](step))
         clip = spec.training.optimizer.clip_grad_norm
         # max_norm inf: measures the norm and scales by exactly 1.
@@ -219,27 +222,31 @@ class Trainee:
     def accumulate(self, micro_batches: list[dict[str, torch.Tensor]], spec: Spec, step: int,
                    total_steps: int, on_policy: OnPolicy | None = None) -> float:
         """Backward over the micro-batches, each weighted by its share of their response tokens: the
-        gradients (and the returned loss) are those of one batch holding them all."""
+        gradients (and the returned loss) are those of one batch holding them all. With --nproc the micro-batches
+        are this rank's shards, weighted by their share of the tokens on every rank (engine/train/distributed.py)."""
         loss_spec = spec.training.loss
         hard, temperature = hard_weight_at(loss_spec, step), temperature_at(loss_spec, step, total_steps)
         self.temperatures.append(temperature)
         self.hard_weights.append(hard)
-        n = sum(int(b["mask"].sum()) for b in micro_batches)
-        total = 0.0
+        n, = distributed.sum_values([sum(int(b["mask"].sum()) for b in micro_batches)])  # the step's tokens, all ranks
+        whole = len(micro_batches) == 1 and distributed.world_size() == 1  # the plain mean, bit for bit
+        total, tokens = 0.0, 0
         components = dict.fromkeys(("kd", "hard") + (("hidden",) if self.hidden is not None else ()), 0.0)
         for batch in micro_batches:
             parts, hidden = self.forward(batch, loss_spec, hard, temperature, on_policy)
             objective = parts.loss if hidden is None else parts.loss + loss_spec.hidden.weight * hidden
-            share = 1.0 if len(micro_batches) == 1 else parts.tokens / n
-            loss = objective if len(micro_batches) == 1 else objective * share
+            share = 1.0 if whole else parts.tokens / n
+            loss = objective if whole else objective * share
             loss.backward()
             total += loss.item()
-            self.tokens += parts.tokens
+            tokens += parts.tokens
             components["kd"] += parts.kd.item() * share
             components["hard"] += parts.ce.item() * share
             if hidden is not None:
                 components["hidden"] += hidden.item() * share
-        for name, value in components.items():
+        total, tokens, *values = distributed.sum_values([total, tokens, *components.values()])
+        self.tokens += int(tokens)
+        for name, value in zip(components, values):
             self.components.setdefault(name, []).append(value)
         return total
 
@@ -304,7 +311,7 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
     if not spec.students:
         raise SpecError(f"{where}: students: the spec names no student to train")
     cfg = spec.training
-    device = resolve_device(cfg.device, where)
+    device = distributed.rank_device(resolve_device(cfg.device, where))
     check_on_policy(spec, where)
     online = cfg.teacher_signal == "online"
     if online:
@@ -346,6 +353,8 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
     used_ids = dataset_ids(encoded + val_encoded) | option_token_ids(encoded + val_encoded)
     trainees = [Trainee.create(spec, s, teacher, tokenizer, total_steps, calibration, used_ids, device=device,
                                targets=targets) for s in spec.students]
+    for t in trainees:  # --nproc: rank 0's build on every rank (engine/train/distributed.py)
+        distributed.same_start(t.student.name, [t.model] + ([t.hidden] if t.hidden is not None else []))
     for t in trainees:  # what pruning kept and why (also in metrics.json under "pruning")
         if progress and getattr(t.model, "pruning_report", None):
             print(t.model.pruning_report["summary"], file=sys.stderr)
@@ -383,6 +392,7 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
               f"({state['fits']} vs {fits})", file=sys.stderr)
         checkpoints.discard()
         state = None
+    state = distributed.broadcast(state)  # --nproc: rank 0 alone reads the checkpoint; every rank resumes from it
     if state is not None:
         for t, saved in zip(trainees, state["trainees"]):
             t.load_state_dict(saved)
@@ -395,7 +405,8 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         resumed_from = step
-        print(f"resuming from step {step}", file=sys.stderr)
+        if distributed.is_writer():
+            print(f"resuming from step {step}", file=sys.stderr)
         del state
     started = time.perf_counter()
 
@@ -421,6 +432,8 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
                 chunk = order[position : position + group]
                 micro_examples = [[encoded[i] for i in chunk[j : j + cfg.batch_size]]
                                   for j in range(0, len(chunk), cfg.batch_size)]
+                if distributed.world_size() > 1:  # this rank's slice of each micro-batch (some may be empty)
+                    micro_examples = [part for part in map(distributed.shard, micro_examples) if part]
                 if own_samples is not None and own_samples.takes(step):  # each student learns from its own samples
                     for t in trainees:
                         if t.active:
@@ -439,12 +452,14 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
                 if every and step % every == 0 and step < total_steps:
                     save_checkpoint()
             if val_batches:  # after each epoch (or the partial one max_steps ended)
-                # online: each val batch meets the teacher as it is read (one [N, V] target held at a time)
-                batches = EachPass(val_batches, lambda b: with_teacher([b])[0]) if online else with_teacher(val_batches)
+                batches = None  # --nproc: rank 0 alone reads the val split
+                if distributed.is_writer():
+                    # online: each val batch meets the teacher as it is read (one [N, V] target held at a time)
+                    batches = EachPass(val_batches, lambda b: with_teacher([b])[0]) if online else with_teacher(val_batches)
                 for t in trainees:
-                    if t.active:
-                        t.after_epoch(t.validate(batches, spec, total_steps), step / steps_per_epoch,
-                                      keep_best, patience)
+                    if t.active:  # --nproc: rank 0's val loss, so every rank stops alike
+                        val_loss = t.validate(batches, spec, total_steps) if distributed.is_writer() else None
+                        t.after_epoch(distributed.broadcast(val_loss), step / steps_per_epoch, keep_best, patience)
                 del batches
             order = None
     run_seconds = before + time.perf_counter() - started
@@ -454,7 +469,9 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
                            "bytes": checkpoints.bytes} if checkpoints is not None else None,
            # What the KD term read: the stored top-k or draws (targets: topk | sampled), or the live teacher.
            "teacher_signal": cfg.teacher_signal, "targets": targets,
-           "teacher_forward_seconds": round(teacher_seconds, 3), "peak_memory": peak_memory(device)}
+           "teacher_forward_seconds": round(teacher_seconds, 3), "peak_memory": peak_memory(device),
+           # --nproc: processes the global batch was sharded across, and their torch.distributed backend
+           "nproc": distributed.world_size(), "backend": distributed.backend()}
 
     out_dir = Path(out_dir)
     results = {}
@@ -463,7 +480,8 @@ def train_students(spec: Spec, examples: pl.DataFrame, out_dir: Path, *, progres
             t.model.load_state_dict(t.best_state)
         metrics = {**_metrics(t, spec, len(encoded), steps_per_epoch, run_seconds, keep_best), **run,
                    "on_policy": own_samples.metrics(t.student.name) if own_samples is not None else None}
-        _save(t, tokenizer, out_dir / t.student.name, metrics)
+        if distributed.is_writer():  # --nproc: rank 0 alone writes
+            _save(t, tokenizer, out_dir / t.student.name, metrics)
         results[t.student.name] = metrics
     return results
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 
@@ -98,17 +99,22 @@ def run_id_for(spec, version) -> str:
 
 
 def train_seeds(spec, st, dataset: str | None = None, seeds: list[int] | None = None, *,
-                progress: bool = True) -> list[tuple[int | None, TrainResult]]:
+                progress: bool = True, nproc: int = 1) -> list[tuple[int | None, TrainResult]]:
     """(seed, run) per seed asked for; [(None, run)] for the spec's one run when no seeds are."""
     chosen = seeds_for(spec, seeds)
     if chosen is None:
-        return [(None, train(spec, st, dataset, progress=progress))]
-    return [(seed, train(with_seed(spec, seed), st, dataset, progress=progress)) for seed in chosen]
+        return [(None, train(spec, st, dataset, progress=progress, nproc=nproc))]
+    return [(seed, train(with_seed(spec, seed), st, dataset, progress=progress, nproc=nproc)) for seed in chosen]
 
 
-def train(spec, st, dataset: str | None = None, *, progress: bool = True) -> TrainResult:
-    from engine.train import train_students
+def train(spec, st, dataset: str | None = None, *, progress: bool = True, nproc: int = 1) -> TrainResult:
+    """nproc > 1: the loop on that many processes, one global batch sharded across them
+    (engine/train/distributed.py); like the device, it does not name the run."""
+    from engine.train import distributed, train_students
 
+    if nproc != 1:
+        distributed.check_nproc(nproc, spec)  # a bad --nproc fails before any work
+        train_students = partial(distributed.launch, nproc=nproc, store_root=st.root)
     if not spec.students:
         raise TrainError(f"{spec.path}: students: the spec names no student to train")
     _use_store(spec, st)
@@ -138,6 +144,8 @@ def train(spec, st, dataset: str | None = None, *, progress: bool = True) -> Tra
             staging.rename(run_dir)
             checkpoints.discard()
     except KeyboardInterrupt:
+        if checkpoints.step is None:  # --nproc: rank 0 wrote them, not this process
+            checkpoints.load()
         kept = (f"its checkpoint at step {checkpoints.step} is kept: `syllabus train` again resumes from it"
                 if checkpoints.step is not None else "no student was saved")
         raise Interrupted(f"training on {version.ref} stopped; {kept}") from None
