@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup llama-server browser demo test bench clean
+.PHONY: setup llama-server browser ray demo test bench clean
 
 setup: $(STAMP)
 
@@ -62,7 +62,14 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	  else echo "make browser: cannot install chromium here (needs root and apt-get): install /usr/bin/chromium by hand; tests/test_report.py needs it"; fi; }
 
-test: $(STAMP) $(LLAMA_STAMP) browser
+# Ray, for executor: {kind: ray} (the `ray` extra, ~600 MB): tests/test_ray_executor.py runs a local cluster.
+RAY_STAMP := $(VENV)/.ray-installed
+ray: $(RAY_STAMP)
+$(RAY_STAMP): $(STAMP) requirements-ray.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-ray.lock
+	touch $@
+
+test: $(STAMP) $(LLAMA_STAMP) $(RAY_STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # The benchmarks behind the README's Results: the quality ablations (bench/quality.py, both bench specs at

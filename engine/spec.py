@@ -903,6 +903,23 @@ class Eval(Strict):
         return sources
 
 
+class Executor(Strict):
+    """Where the per-row stages run (engine/curate/executors.py); rows are the same either way."""
+    kind: Literal["local", "ray"] = "local"
+    address: str = "auto"  # a running Ray cluster: auto (the one this machine started) or HOST:PORT
+    actors: int = Field(2, ge=1)  # Ray actors per stage, each loading the teacher or embedder once
+    batch_size: int = Field(16, ge=1)  # rows per Ray batch
+    num_cpus: float = Field(1.0, gt=0)  # CPUs each actor reserves
+    retries: int = Field(3, ge=0)  # restarts of a dead actor, and retries of its batch
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value != "auto" and not re.fullmatch(r"[A-Za-z0-9.\-]+:\d{1,5}", value):
+            raise ValueError(f"{value[:80]!r}: auto or HOST:PORT")
+        return value
+
+
 class Spec(Strict):
     name: Annotated[str, _name(DATASET_NAME, "a letter or digit, then letters, digits, '_' or '-'")]
     teacher: Teacher
@@ -919,6 +936,7 @@ class Spec(Strict):
     students: list[Student] = []
     training: Training = Training()
     eval: Eval = Eval()
+    executor: Executor = Executor()
 
     # Set by load_spec, not by the user.
     path: Path | None = Field(None, exclude=True)

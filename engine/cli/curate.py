@@ -69,11 +69,15 @@ def _print_shapes(shapes) -> None:
 
 @app.command()
 def run(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optional[Path] = StoreOption,
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output")):
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+        executor: Optional[str] = typer.Option(None, "--executor", help="local | ray: where the teacher and "
+                                               "embedder run (default: the spec's executor.kind)"),
+        address: Optional[str] = typer.Option(None, "--address", help="the Ray cluster: auto | HOST:PORT "
+                                              "(default: the spec's executor.address)")):
     """Curate the spec's dataset and commit it as a new version (nothing new if unchanged)."""
     from engine.curate import pipeline
 
-    s = _spec(spec)
+    s = _with_executor(_spec(spec), executor, address)
     result = pipeline.run(s, open_store(store), progress=not quiet, console=err)
     if not quiet:
         err.print(pipeline.summary_table(result))
@@ -85,6 +89,25 @@ def run(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Option
     else:
         out.print(f"nothing new: {s.name}@{result.version} already holds this data "
                   f"({result.rows} examples, {result.teacher_calls} teacher calls)")
+
+
+def _with_executor(s, kind: str | None, address: str | None):
+    """The spec with --executor and --address in place of its executor's kind and address."""
+    from pydantic import ValidationError
+
+    from engine.errors import SpecError
+    from engine.spec import Executor
+
+    changes = {k: v for k, v in (("kind", kind), ("address", address)) if v is not None}
+    if not changes:
+        return s
+    try:
+        executor = Executor.model_validate({**s.executor.model_dump(), **changes})
+    except ValidationError as e:
+        problem = e.errors()[0]
+        raise SpecError(f"--{problem['loc'][0] if problem['loc'][0] != 'kind' else 'executor'}: "
+                        f"{problem['msg'].removeprefix('Value error, ')}") from None
+    return s.model_copy(update={"executor": executor})
 
 
 @app.command()

@@ -23,6 +23,7 @@ from rich.table import Table
 import engine
 import store as store_api
 from engine.curate.curation import Curation, run_stage
+from engine.curate.executors import running_on
 from engine.curate.stage_cache import StageCache, stage_key
 from engine.curate.top_up import top_up_until_quota
 from engine.errors import Interrupted
@@ -83,6 +84,13 @@ class RunResult:
 
 def curate(spec, st, *, progress: bool = True, console: Console | None = None):
     """Run every stage; returns (examples, rejections, per-stage stats, counters)."""
+    # executor.kind: ray connects first (no cluster: one line, before any work); the per-row stages then
+    # hand their model calls to it, and everything else, the commit included, stays on this driver.
+    with running_on(spec.executor, stages_for(spec)):
+        return _curate(spec, st, progress=progress, console=console)
+
+
+def _curate(spec, st, *, progress: bool, console: Console | None):
     console = console or Console(stderr=True, quiet=not progress)
     use_store(st.root)  # a `models:RUN_ID/STUDENT` teacher is a student of this store
     check_teacher(spec)  # a chained teacher that is not there stops the run before any stage

@@ -57,6 +57,9 @@ class Stage:
     # coverage.augment_until_quota: "new_rows" stages process each round's new variations
     # (against what is kept so far); "pool" stages re-run over the whole pool after each round.
     top_up: ClassVar[str | None] = None
+    # Its expensive work is one model call per row (teacher answers, embeddings): an executor may run it
+    # elsewhere, batch by batch, through process_rows (engine/curate/executors.py).
+    per_row: ClassVar[bool] = False
 
     _registry: ClassVar[dict[str, type["Stage"]]] = {}
 
@@ -89,6 +92,12 @@ class Stage:
     def run_new_rows(self, batch: pl.DataFrame, kept: pl.DataFrame, ctx: RunContext):
         """A top-up round's new rows through this stage; `kept` is every row kept so far."""
         return self.run(batch, ctx)
+
+    def process_rows(self, items: list, ctx: RunContext) -> list:
+        """A per_row stage's model call over a batch of work items (those its per-row cache lacks): one output
+        each, in order. It may run on another machine: it reads ctx.spec and ctx.teacher, never the store or
+        the caches (the driver writes what it returns)."""
+        raise NotImplementedError(f"stage {self.name!r} is not per_row")
 
 
 # --- what a cache slice is made of ------------------------------------------------------

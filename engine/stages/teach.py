@@ -148,10 +148,14 @@ def ask_samples(ctx: RunContext, prompts: list, label: str = "teach") -> tuple[l
 
 def _generate(todo: list[tuple[str, str | Conversation]], ctx: RunContext, cache: TeacherCache, label: str,
               max_new_tokens: int | None = None) -> dict:
-    if ctx.teacher is None:  # (a CUDA teacher.device this machine lacks fails in preflight and in the backend)
+    from engine.curate.executors import current_cluster
+
+    cluster = current_cluster()  # a Ray cluster's actors answer instead, each with its own teacher
+    if ctx.teacher is None and cluster is None:  # (a CUDA teacher.device this machine lacks fails in preflight and in the backend)
         began = time.perf_counter()
         ctx.teacher = load_teacher(ctx.spec.teacher)
         ctx.counters["teacher_load_seconds"] = time.perf_counter() - began
+    fingerprint = ctx.teacher.fingerprint if ctx.teacher is not None else teacher_fingerprint(ctx.spec.teacher)
     # Everything to be asked goes to the teacher in one call, so it batches prompts of like length across
     # all of them (and runs their shared prefix once); each answered batch is committed, timed and shown.
     last = time.perf_counter()
@@ -163,13 +167,16 @@ def _generate(todo: list[tuple[str, str | Conversation]], ctx: RunContext, cache
             cache.put_many({todo[i][0]: o for i, o in zip(indices, outputs)})
             now = time.perf_counter()
             seconds, last = now - last, now
-            cache.record_speed(ctx.teacher.fingerprint, len(indices), sum(len(o.token_ids) for o in outputs), seconds)
+            cache.record_speed(fingerprint, len(indices), sum(len(o.token_ids) for o in outputs), seconds)
             ctx.counters["teacher_seconds"] = ctx.counters.get("teacher_seconds", 0.0) + seconds
             bar.advance(task, len(indices))
 
         # One plain chat user turn goes as its text, as every prompt did before conversations existed.
         sent = [p.prompt if isinstance(p, Conversation) and p.plain else p for _, p in todo]
-        outs = ctx.teacher.generate(sent, on_batch=commit, max_new_tokens=max_new_tokens)
+        if cluster is None:
+            outs = ctx.teacher.generate(sent, on_batch=commit, max_new_tokens=max_new_tokens)
+        else:
+            outs = cluster.map_rows(Teach(), [(p, max_new_tokens) for p in sent], ctx, on_batch=commit)
     return {k: o for (k, _), o in zip(todo, outs)}
 
 
@@ -196,6 +203,14 @@ class Teach(Stage):
     cached = True
     calls_teacher = True
     top_up = "new_rows"
+    per_row = True
+
+    def process_rows(self, items: list, ctx: RunContext) -> list:
+        """(prompt as sent, max_new_tokens) pairs through this worker's teacher, loaded on its first batch."""
+        if ctx.teacher is None:
+            ctx.teacher = load_teacher(ctx.spec.teacher)
+        max_new_tokens = items[0][1] if items else None  # one ask_teacher call's items share it
+        return ctx.teacher.generate([p for p, _ in items], max_new_tokens=max_new_tokens)
 
     def cache_slice(self, spec, store):
         key = [teacher_key(spec.teacher), teacher_fingerprint(spec.teacher)]  # the prompt template's text is in dump
