@@ -391,7 +391,7 @@ def _change(figures: dict) -> str:
 
 def set_label(name: str) -> str:
     """in-distribution for the base's test split (the first shared source), held-out for the spec's own."""
-    return IN_DISTRIBUTION if "(from:" in name else "held-out " + name.split("(", 1)[-1].rstrip(")")
+    return IN_DISTRIBUTION if "(from:" in name else "held-out " + Path(name.split("(", 1)[-1].rstrip(")")).name
 
 
 def markdown(results: list[dict]) -> str:
