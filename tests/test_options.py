@@ -431,3 +431,15 @@ def test_echoed_log_probs_that_disagree_with_the_teachers_answers_are_not_used(t
     np.testing.assert_allclose(scored.scores[1], [-0.25, -2.0])
     server.asked.clear()
     assert score().method == FIRST_TOKEN and server.asked == []  # the verdict is cached
+
+
+def test_option_scoring_counts_as_teacher_time(project, monkeypatch):
+    # A run's share outside the teacher (bench/peer.py) must not count the teacher's option passes as overhead.
+    from engine.stages.base import RunContext
+    from engine.teachers.options import score_options
+
+    spec = load_spec(project / "spec.yaml")
+    ctx = RunContext(spec=spec, cache_dir=project / "cache", progress=False)
+    scored = score_options(ctx, [Conversation("Is 3 odd?"), Conversation("Is 4 odd?")], [["yes", "no"]] * 2,
+                           [None, None])
+    assert scored.calls == 4 and ctx.counters["teacher_seconds"] > 0 and ctx.counters["teacher_load_seconds"] > 0

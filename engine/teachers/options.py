@@ -28,6 +28,7 @@ conversation), so a re-run pays nothing.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,8 +188,15 @@ def _tokenizer(ctx):
 
 def _teacher(ctx):
     if ctx.teacher is None:
+        began = time.perf_counter()
         ctx.teacher = load_teacher(ctx.spec.teacher)
+        _count(ctx, "teacher_load_seconds", time.perf_counter() - began)
     return ctx.teacher
+
+
+def _count(ctx, counter: str, seconds: float) -> None:
+    """Teacher time, as the teach stage counts its own: what a run spends in the teacher, not around it."""
+    ctx.counters[counter] = ctx.counters.get(counter, 0.0) + seconds
 
 
 def _cached(method, ctx, cache, fingerprint, conversations, options, compute) -> Scored:
@@ -220,7 +228,9 @@ def _forced_rows(ctx, conversations, options) -> list[tuple[np.ndarray, list[int
     tokenizer = teacher.tokenizer
     ids = [option_ids(tokenizer, c, o) for c, o in zip(conversations, options)]
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
+    began = time.perf_counter()
     scores = teacher_forced_scores(teacher.model, tokenizer, prompts, ids, ctx.spec.teacher.batch_size)
+    _count(ctx, "teacher_seconds", time.perf_counter() - began)
     return [(s, [len(x) for x in row]) for s, row in zip(scores, ids)]
 
 
@@ -228,7 +238,9 @@ def _echo_rows(ctx, conversations, options) -> list[tuple[np.ndarray | None, lis
     teacher = _teacher(ctx)
     texts = [prompt_text(teacher.tokenizer, c) for c in conversations]
     pairs = [(t, continuation(c, o)) for t, c, opts in zip(texts, conversations, options) for o in opts]
+    began = time.perf_counter()
     got = iter(teacher.prompt_logprobs(pairs))
+    _count(ctx, "teacher_seconds", time.perf_counter() - began)
     out = []
     for opts in options:
         row = [next(got) for _ in opts]
