@@ -276,3 +276,17 @@ def _llama_server_process(tmp_path_factory, name: str):
                 server.wait()
 
     return serving()
+
+
+def bench_script(name: str):
+    """bench/NAME.py imported as the module bench_NAME (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module

@@ -1,12 +1,11 @@
 """bench/kd_signal.py: the teacher-signal bench's shape on a tiny random teacher (its figures mean nothing
 here): every arm runs at equal steps on the same shared rows, and stored bytes grow with k."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_script
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,11 +14,7 @@ ARMS = {"top20", "top5", "top50", "sampled20", "top20-T1", "online", "on-policy"
 
 @pytest.fixture(scope="module")
 def kd_signal():
-    spec = importlib.util.spec_from_file_location("bench_kd_signal", ROOT / "bench" / "kd_signal.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("kd_signal")
 
 
 @pytest.fixture

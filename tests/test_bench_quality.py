@@ -1,13 +1,12 @@
 """bench/quality.py: the ablation bench's shape on a tiny random teacher (its figures mean nothing here),
 and the paired comparison its verdicts rest on."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bench_script
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,11 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("quality")
 
 
 def test_a_change_counts_as_a_gain_only_when_its_interval_excludes_zero(quality):

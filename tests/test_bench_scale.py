@@ -1,21 +1,16 @@
 """bench/scale.py's projection on a hand example: hours per stage, the total and the limiting stage (nothing measured)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def scale():
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "scale.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("scale")
 
 
 def hand_rates(scale):

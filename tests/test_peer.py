@@ -6,24 +6,17 @@ specs/demo.yaml, 8 new tokens, 2 repeats), with our engine's texts of the same r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = json.loads((ROOT / "tests/data/peer_distilabel_output.json").read_text())
 
 
-def load_peer():
-    spec = importlib.util.spec_from_file_location("bench_peer", ROOT / "bench/peer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-peer = load_peer()
+peer = bench_script("peer")
 
 
 def test_recorded_output_parses():
