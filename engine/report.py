@@ -379,7 +379,8 @@ def render(sections: dict) -> str:
 
 
 def default_path(info, run_id: str | None) -> Path:
-    return Path("out") / "reports" / (f"{info.dataset}-v{info.version}" + (f"-{run_id}" if run_id else "") + ".html")
+    """out/reports/NAME-vN.html, or the run's id (which starts with NAME-vN) when a run is shown."""
+    return Path("out") / "reports" / f"{run_id or f'{info.dataset}-v{info.version}'}.html"
 
 
 def write_report(st, ref: str, run: str | None = None, out: Path | None = None) -> Path:

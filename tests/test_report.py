@@ -179,7 +179,8 @@ def test_report_verb_writes_the_page_and_prints_its_path(project, cli, monkeypat
     monkeypatch.chdir(tmp_path)
     code, out, err = cli("report", "rep@latest")
     assert code == 0, err
-    path = tmp_path / "out" / "reports" / f"rep-v2-{project['run_id']}.html"
+    assert project["run_id"].startswith("rep-v2-")  # named by its run, which names the version
+    path = tmp_path / "out" / "reports" / f"{project['run_id']}.html"
     assert out.strip() == f"wrote {path}" and path.is_file()
     code, out, err = cli("report", "rep@1", "--out", str(tmp_path / "one.html"))  # rep@1 has no run: no curves
     assert code == 0 and (tmp_path / "one.html").is_file()

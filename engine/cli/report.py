@@ -15,7 +15,7 @@ def report(ref: str = typer.Argument(..., help="NAME@V, NAME@latest or NAME@TAG"
            train: Optional[str] = typer.Option(None, "--train", help="training run to show (default: the latest "
                                                "run trained on this version, if any)"),
            out_path: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: "
-                                                   "out/reports/<dataset>-v<N>[-<run>].html)"),
+                                                   "out/reports/<run id>.html, or <dataset>-v<N>.html without a run)"),
            store: Optional[Path] = StoreOption):
     """One self-contained HTML page: coverage, the funnel of rows, the teacher's confidence, clusters,
     augmentation yield, training curves and teacher vs students, each chart inline SVG."""
