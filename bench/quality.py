@@ -31,8 +31,8 @@ row's outcome averaged over seeds). The verdict says "gain" or "loss" only where
 excludes 0, and "no clear difference" otherwise.
 
 Output: a JSON file of every figure (out/bench/quality-TIME.json) and a markdown table, printed and
-written beside it. --quick: seeds 0 and 1, at most QUICK_STEPS steps, small calibration: a smoke
-run of the whole shape in minutes.
+written beside it. --quick: seeds 0 and 1, at most QUICK_STEPS steps, small calibration, the first
+QUICK_EVAL_ROWS rows of each shared set: a smoke run of the whole shape in minutes.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ DEFAULT_SPECS = ["specs/bench/topic.yaml", "specs/bench/sentiment.yaml"]
 # The demo's `tenth` (specs/demo.yaml): what a user would train.
 STUDENT = {"name": "tenth", "from_teacher": {"keep_layers": 6, "hidden_size": 384, "intermediate_size": 1024,
                                              "heads": 6, "kv_heads": 2, "vocab": {"keep_frequent": 2000}}}
-QUICK_STEPS, QUICK_CALIBRATION, QUICK_SEEDS = 12, 8, [0, 1]
+QUICK_STEPS, QUICK_CALIBRATION, QUICK_SEEDS, QUICK_EVAL_ROWS = 12, 8, [0, 1], 24
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 IN_DISTRIBUTION = "in-distribution"
 
@@ -195,6 +195,8 @@ def bench_spec(raw: dict, path: Path, *, arm: str, loss: dict, steps: int | None
         if first.get("options"):
             shared["options"] = first["options"]
         sources = [shared] + sources
+    if quick:  # a smoke run scores the first rows of each shared set: the shape, not the figures
+        sources = [{**src, "limit": QUICK_EVAL_ROWS} for src in sources]
     evaluation["sources"] = sources
     evaluation["split"] = "val"  # every arm is scored on the shared sets above; its own val is small
     evaluation["speed_prompts"] = 1
