@@ -367,16 +367,9 @@ def main(argv: list[str] | None = None) -> None:
         bench = Settings(store.open(Path(tmp) / "store" if args.fresh else args.store), seeds, args.quick,
                          args.progress, args.student, console)
         results = [bench_one(path, only, bench) for path in (args.spec or map(Path, DEFAULT_SPECS))]
-    wall = time.perf_counter() - began
-    table = markdown(results)
-    print(table)  # as is: markdown, never wrapped
-    out = args.out or Path("out/bench") / f"kd_signal-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": threads, "seeds": seeds, "quick": args.quick, "wall_s": wall,
-                               "machine": quality.machine(), "specs": results}, indent=2, default=str))
-    out.with_suffix(".md").write_text(table + "\n")
-    console.print(f"wall {wall:.0f} s; figures written to {out} and {out.with_suffix('.md')}", highlight=False)
-
+    quality.write_results(args, results, {"threads": threads, "seeds": seeds, "quick": args.quick,
+                                          "wall_s": time.perf_counter() - began, "machine": quality.machine()},
+                          console, bench="kd_signal", table_of=markdown)
 
 if __name__ == "__main__":
     main()

@@ -481,10 +481,12 @@ def main(argv: list[str] | None = None) -> None:
                                   "wall_s": time.perf_counter() - began, "machine": machine()}, console)
 
 
-def write_results(args, results: list[dict], header: dict, console: Console) -> None:
-    table = markdown(results)
+def write_results(args, results: list[dict], header: dict, console: Console, *, bench: str = "quality",
+                  table_of=None) -> None:
+    """Prints the table and writes the JSON (--out, else out/bench/BENCH-TIME.json) and the table beside it."""
+    table = (table_of or markdown)(results)
     print(table)  # as is: markdown, never wrapped
-    out = args.out or Path("out/bench") / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or Path("out/bench") / f"{bench}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**header, "specs": results}, indent=2, default=str))
     out.with_suffix(".md").write_text(table + "\n")

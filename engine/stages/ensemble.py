@@ -19,7 +19,6 @@ Answers and scorings are cached per request, so a re-run pays for neither.
 from __future__ import annotations
 
 import gc
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +28,7 @@ import pyarrow as pa
 from engine.errors import ModelError, SpecError
 from engine.progress import progress_bar
 from engine.stages.base import RunContext, Stage, dump, no_rejections
-from engine.teachers import load_teacher, teacher_fingerprint
+from engine.teachers import context_teacher, teacher_fingerprint
 from engine.teachers.answers import normalise_answer, split_answer
 from engine.teachers.arrow import list_column, nested_list_column
 from engine.teachers.forced import forced_key, forced_outputs
@@ -246,11 +245,8 @@ def _score_member(sub: RunContext, prompts: list, responses: list, k: int, label
     member = sub.spec.teacher
 
     def load():
-        if sub.teacher is None:
-            began = time.perf_counter()
-            sub.teacher = load_teacher(member)
-            sub.counters["teacher_load_seconds"] = time.perf_counter() - began
-        return sub.teacher.model, sub.teacher.tokenizer
+        loaded = context_teacher(sub)  # sub.spec.teacher is the member
+        return loaded.model, loaded.tokenizer
 
     calls = 0
     with progress_bar(sub.progress) as bar:

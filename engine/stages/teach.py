@@ -27,7 +27,7 @@ from engine.errors import RenderLimit
 from engine.progress import progress_bar
 from engine.prompts import Conversation, as_conversation, conversations, teacher_side
 from engine.stages.base import RunContext, Stage, dump, rejections, teach_order, teacher_key
-from engine.teachers import load_teacher, teacher_fingerprint
+from engine.teachers import context_teacher, teacher_fingerprint
 from engine.teachers.answers import split_answer
 from engine.teachers.arrow import list_column, nested_list_column
 from engine.teachers.request_cache import TeacherCache, request_key
@@ -151,10 +151,8 @@ def _generate(todo: list[tuple[str, str | Conversation]], ctx: RunContext, cache
     from engine.curate.executors import current_cluster
 
     cluster = current_cluster()  # a Ray cluster's actors answer instead, each with its own teacher
-    if ctx.teacher is None and cluster is None:  # (a CUDA teacher.device this machine lacks fails in preflight and in the backend)
-        began = time.perf_counter()
-        ctx.teacher = load_teacher(ctx.spec.teacher)
-        ctx.counters["teacher_load_seconds"] = time.perf_counter() - began
+    if cluster is None:  # (a CUDA teacher.device this machine lacks fails in preflight and in the backend)
+        context_teacher(ctx)
     fingerprint = ctx.teacher.fingerprint if ctx.teacher is not None else teacher_fingerprint(ctx.spec.teacher)
     # Everything to be asked goes to the teacher in one call, so it batches prompts of like length across
     # all of them (and runs their shared prefix once); each answered batch is committed, timed and shown.
@@ -207,10 +205,8 @@ class Teach(Stage):
 
     def process_rows(self, items: list, ctx: RunContext) -> list:
         """(prompt as sent, max_new_tokens) pairs through this worker's teacher, loaded on its first batch."""
-        if ctx.teacher is None:
-            ctx.teacher = load_teacher(ctx.spec.teacher)
         max_new_tokens = items[0][1] if items else None  # one ask_teacher call's items share it
-        return ctx.teacher.generate([p for p, _ in items], max_new_tokens=max_new_tokens)
+        return context_teacher(ctx).generate([p for p, _ in items], max_new_tokens=max_new_tokens)
 
     def cache_slice(self, spec, store):
         key = [teacher_key(spec.teacher), teacher_fingerprint(spec.teacher)]  # the prompt template's text is in dump

@@ -66,6 +66,19 @@ def teacher_fingerprint(spec_teacher) -> str:
     return f"{spec_teacher.backend}:{fingerprint(spec_teacher.model)}"
 
 
+def context_teacher(ctx) -> Teacher:
+    """The run's loaded teacher (ctx.teacher; ctx.spec.teacher loaded on first use), its load time counted
+    in ctx.counters["teacher_load_seconds"], where a run's time in the teacher is summed."""
+    if ctx.teacher is None:
+        import time
+
+        began = time.perf_counter()
+        ctx.teacher = load_teacher(ctx.spec.teacher)
+        ctx.counters["teacher_load_seconds"] = ctx.counters.get("teacher_load_seconds", 0.0) + \
+            time.perf_counter() - began
+    return ctx.teacher
+
+
 def load_teacher(spec_teacher) -> Teacher:
     if spec_teacher.backend == "transformers":
         from engine.teachers.transformers_backend import TransformersTeacher

@@ -36,7 +36,7 @@ import torch
 
 from engine.errors import TeacherError
 from engine.prompts import Conversation, as_conversation, prompt_ids
-from engine.teachers import TeacherOutput, load_teacher, teacher_fingerprint
+from engine.teachers import TeacherOutput, context_teacher, teacher_fingerprint
 from engine.teachers.forced import continuation_logprobs
 from engine.teachers.request_cache import TeacherCache, request_key
 
@@ -186,14 +186,6 @@ def _tokenizer(ctx):
     return ctx.teacher.tokenizer if ctx.teacher is not None else load_tokenizer(ctx.spec.teacher.local_model)
 
 
-def _teacher(ctx):
-    if ctx.teacher is None:
-        began = time.perf_counter()
-        ctx.teacher = load_teacher(ctx.spec.teacher)
-        _count(ctx, "teacher_load_seconds", time.perf_counter() - began)
-    return ctx.teacher
-
-
 def _count(ctx, counter: str, seconds: float) -> None:
     """Teacher time, as the teach stage counts its own: what a run spends in the teacher, not around it."""
     ctx.counters[counter] = ctx.counters.get(counter, 0.0) + seconds
@@ -224,7 +216,7 @@ def _cached(method, ctx, cache, fingerprint, conversations, options, compute) ->
 
 
 def _forced_rows(ctx, conversations, options) -> list[tuple[np.ndarray, list[int]]]:
-    teacher = _teacher(ctx)
+    teacher = context_teacher(ctx)
     tokenizer = teacher.tokenizer
     ids = [option_ids(tokenizer, c, o) for c, o in zip(conversations, options)]
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
@@ -235,7 +227,7 @@ def _forced_rows(ctx, conversations, options) -> list[tuple[np.ndarray, list[int
 
 
 def _echo_rows(ctx, conversations, options) -> list[tuple[np.ndarray | None, list[int]]]:
-    teacher = _teacher(ctx)
+    teacher = context_teacher(ctx)
     texts = [prompt_text(teacher.tokenizer, c) for c in conversations]
     pairs = [(t, continuation(c, o)) for t, c, opts in zip(texts, conversations, options) for o in opts]
     began = time.perf_counter()
@@ -267,7 +259,7 @@ def _openai_method(ctx, cache, fingerprint, conversations, first_topk) -> str:
     known = cache.get_many([key])
     if key in known:
         return known[key].text
-    teacher = _teacher(ctx)
+    teacher = context_teacher(ctx)
     probes = []  # (prompt text, the teacher's likeliest first token, its log-prob when it answered)
     special = set(teacher.tokenizer.all_special_ids)
     for conversation, top in zip(conversations, first_topk):

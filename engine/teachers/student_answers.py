@@ -15,7 +15,6 @@ token ids. A re-run pays nothing and loads no model.
 from __future__ import annotations
 
 import gc
-import time
 
 import polars as pl
 
@@ -23,7 +22,7 @@ from engine.errors import SpecError, StageError, TrainError
 from engine.progress import progress_bar
 from engine.stages.base import RunContext, rejections
 from engine.stages.student_source import SOURCE_INDEX, STUDENT_ROW, model_name, trained_student
-from engine.teachers import TeacherOutput, load_teacher, teacher_fingerprint
+from engine.teachers import TeacherOutput, context_teacher, teacher_fingerprint
 from engine.teachers.forced import forced_outputs
 
 
@@ -139,11 +138,8 @@ def _teacher_scorings(prompts: list, responses: list, ctx: RunContext) -> tuple[
     teacher = ctx.spec.teacher
 
     def load():
-        if ctx.teacher is None:
-            began = time.perf_counter()
-            ctx.teacher = load_teacher(teacher)
-            ctx.counters["teacher_load_seconds"] = time.perf_counter() - began
-        return ctx.teacher.model, ctx.teacher.tokenizer
+        loaded = context_teacher(ctx)
+        return loaded.model, loaded.tokenizer
 
     with progress_bar(ctx.progress) as bar:
         task = bar.add_task("scoring", total=len(prompts))
