@@ -342,7 +342,7 @@ def test_one_failure_keeps_the_answers_already_in(tokenizer, tiny_llm_dir):
 
 def test_teach_stage_caches_answers_of_the_openai_backend(tokenizer, tiny_llm_dir, tmp_path, monkeypatch):
     server = FakeServer(tokenizer)
-    monkeypatch.setattr("engine.stages.teach.load_teacher", lambda spec: OpenAITeacher(spec, transport=server.transport()))
+    monkeypatch.setattr("engine.teachers.load_teacher", lambda spec: OpenAITeacher(spec, transport=server.transport()))
 
     class Spec:
         teacher = openai_spec(tiny_llm_dir)
