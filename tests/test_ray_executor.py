@@ -51,7 +51,7 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 60) -> Non
 
 
 @pytest.fixture(scope="module")
-def ray_address():
+def ray_cluster():
     """`ray start --head --block`, stopped with the processes it started and nothing else on the machine
     (`ray stop` would stop every Ray of this user)."""
     port = free_port()
@@ -64,10 +64,15 @@ def ray_address():
         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     try:
         wait_for_port(port, head)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", head
     finally:
         stop_tree(head)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_cluster):
+    return ray_cluster[0]
 
 
 def stop_tree(head: subprocess.Popen) -> None:
@@ -154,3 +159,75 @@ def test_the_local_executor_never_imports_ray(project):
             "assert 'ray' not in sys.modules, 'ray imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=project)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def pool_actors(head: subprocess.Popen) -> list:
+    """The processes of the cluster's actor pool (Ray titles each after the class it runs), nothing else."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process(head.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "RowWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+    return found
+
+
+def killing_the_pool_after_the_first_batch(monkeypatch, head) -> dict:
+    """When the driver hears the teach stage's first batch, every actor of the pool is killed (SIGKILL): work
+    still in flight dies with them. Returns what happened: pids killed, batches heard after the kill."""
+    from engine.curate.executors import RayExecutor
+    from engine.stages.teach import Teach
+
+    seen = {"killed": [], "batches_after": 0, "answered": 0}
+    original = RayExecutor.map_rows
+
+    def map_rows(self, stage, items, ctx, on_batch=None):
+        def hear(indices, outputs):
+            if isinstance(stage, Teach):
+                seen["answered"] += len(indices)
+                if seen["killed"]:
+                    seen["batches_after"] += 1
+                else:
+                    for proc in pool_actors(head):
+                        proc.kill()
+                        seen["killed"].append(proc.pid)
+            if on_batch:
+                on_batch(indices, outputs)
+        return original(self, stage, items, ctx, on_batch=hear)
+
+    monkeypatch.setattr(RayExecutor, "map_rows", map_rows)
+    return seen
+
+
+def test_actors_killed_mid_stage_are_restarted_and_their_batches_asked_again(project, ray_cluster, monkeypatch):
+    address, head = ray_cluster
+    monkeypatch.chdir(project)
+    run(project, "local")
+    seen = killing_the_pool_after_the_first_batch(monkeypatch, head)
+    on_ray = run(project, "ray", kind="ray", address=address, batch_size=2, retries=2)
+    assert seen["killed"] and seen["batches_after"] > 0, seen  # killed mid-stage: work was left to do
+    assert on_ray.created and on_ray.teacher_calls == N_PROMPTS  # every prompt answered, none counted twice
+    mine, theirs = table(project, "ray", "examples"), table(project, "local", "examples")
+    floats = [c for c in mine.columns if c.startswith("conf_") or c.endswith("logprobs")]
+    assert mine.drop(floats).equals(theirs.drop(floats))
+    assert len(store.open(project / "ray").versions("tiny")) == 1  # committed once
+
+
+def test_a_pool_that_stays_dead_commits_nothing_and_keeps_the_answers_that_came_back(project, ray_cluster,
+                                                                                      monkeypatch):
+    from engine.curate.executors import WorkerFailed
+
+    address, head = ray_cluster
+    monkeypatch.chdir(project)
+    seen = killing_the_pool_after_the_first_batch(monkeypatch, head)
+    with pytest.raises(WorkerFailed, match=r"teach stage .* executor.retries \(0\)") as failed:
+        run(project, "ray", kind="ray", address=address, batch_size=2, retries=0)
+    assert "\n" not in str(failed.value)
+    assert seen["killed"] and 0 < seen["answered"] < N_PROMPTS, seen
+    st = store.open(project / "ray")
+    staging = project / "ray" / "staging"
+    assert st.latest_version("tiny") is None and not (staging.exists() and any(staging.iterdir()))
+    # The answers that came back were cached as they came: running again pays only for the rest.
+    again = run(project, "ray")
+    assert again.created and again.teacher_calls == N_PROMPTS - seen["answered"]

@@ -32,6 +32,10 @@ class ClusterUnreachable(UserError):
     """executor.address names no running Ray cluster; one line naming it."""
 
 
+class WorkerFailed(UserError):
+    """The actor pool could not finish a stage (its actors died more often than executor.retries allows)."""
+
+
 def current_cluster() -> "RayExecutor | None":
     """The Ray cluster per-row stages hand their work to, or None: they run it in this process."""
     return _cluster
@@ -59,8 +63,14 @@ class RayExecutor:
 
     @classmethod
     def connect(cls, spec) -> "RayExecutor":
+        import os
+
         import ray
 
+        # Ray Data's usage telemetry polls a Prometheus server on localhost after every dataset, logging a
+        # traceback when there is none (the usual case); a user who wants it sets these variables.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
         if spec.address != "auto":
             _probe(spec.address)  # ray.init would wait a minute on a port nobody listens on
         try:
@@ -102,8 +112,22 @@ class RayExecutor:
                 RowWorker, fn_constructor_kwargs={"stage_class": type(stage), "spec": ctx.spec},
                 compute=ray.data.ActorPoolStrategy(size=self.spec.actors), num_cpus=self.spec.num_cpus,
                 batch_size=size, batch_format="pyarrow", **self._retries())
-        for batch in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
-            yield batch["index"].to_pylist(), [pickle.loads(b) for b in batch["output"].to_pylist()]
+        try:
+            for batch in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
+                yield batch["index"].to_pylist(), [pickle.loads(b) for b in batch["output"].to_pylist()]
+        except ray.exceptions.RayError as e:
+            raise self._failed(e, stage) from None
+
+    def _failed(self, error: Exception, stage: Stage) -> Exception:
+        """The stage's own one-line error, as it would say it locally; else a line on the pool that failed."""
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, UserError):
+            return cause
+        reason = (str(error).strip().splitlines() or [""])[0]
+        return WorkerFailed(
+            f"executor: Ray workers of the {stage.name} stage failed beyond executor.retries "
+            f"({self.spec.retries}): {type(error).__name__}: {reason} Nothing was committed; the answers that "
+            "came back are cached, so running again asks only for the rest")
 
     def _retries(self) -> dict:
         """A dead actor is restarted and its batch asked again (outputs are cached only once they are back)."""
