@@ -6,7 +6,8 @@ executor only the rest; the executor returns one output per item, batch by batch
 driver writes each batch into the cache as it comes. Workers never open the store or its caches: a Ray node
 need not see the driver's disk, and one writer keeps the sqlite caches free of lock waits. So the stage
 cache, the request cache and the commit (one driver, one atomic commit) work as they do locally, and the
-rows are the same: the driver puts every output back in its item's place.
+rows are the same: the driver puts every output back in its item's place, and the teacher's batches are cut
+along the plan its one local call would batch by, so even the log-probs are the local ones, bit for bit.
 
 Ray is imported only here, and only when the spec asks for it.
 """
@@ -87,34 +88,41 @@ class RayExecutor:
         ray.shutdown()  # disconnects this driver; the cluster stays up
 
     def map_rows(self, stage: Stage, items: list, ctx: RunContext,
-                 on_batch: Callable[[list[int], list], None] | None = None) -> list:
+                 on_batch: Callable[[list[int], list], None] | None = None,
+                 order: list[int] | None = None, unit: int = 1) -> list:
         """stage.process_rows over `items` on the cluster: one output per item, in order. `on_batch(indices,
-        outputs)` hears each batch as it comes back (the caller caches it), in whatever order they finish."""
+        outputs)` hears each batch as it comes back (the caller caches it), in whatever order they finish.
+        Batches are consecutive runs of `order` (default: the items' own), each a whole number of `unit`s
+        long: a stage whose one local call batches its items so (the teacher: by length, teacher.batch_size
+        at a time) gets the same batches, and so the same outputs, on the cluster."""
         outputs: list = [None] * len(items)
-        for indices, answered in self._batches(stage, items, ctx):
+        for indices, answered in self._batches(stage, items, ctx, order or list(range(len(items))), unit):
             for i, out in zip(indices, answered):
                 outputs[i] = out
             if on_batch:
                 on_batch(indices, answered)
         return outputs
 
-    def _batches(self, stage: Stage, items: list, ctx: RunContext):
+    def _batches(self, stage: Stage, items: list, ctx: RunContext, order: list[int], unit: int):
         import ray
 
         if not items:
             return
-        size = self.spec.batch_size
-        rows = [{"index": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
-        # Blocks made here, one batch each, so every actor gets work and no task needs a CPU the pool holds.
+        size = -(-self.spec.batch_size // unit) * unit
+        groups = [order[start:start + size] for start in range(0, len(order), size)]
+        # One Ray row per batch, one batch per block: the batches are exactly these, every actor gets work,
+        # and no task needs a CPU the pool holds.
+        rows = [{"group": g, "items": pickle.dumps([items[i] for i in group])} for g, group in enumerate(groups)]
         with warnings.catch_warnings():  # ray 2.60 names no parameter for retries yet, and warns at this one
             warnings.simplefilter("ignore", DeprecationWarning)
-            mapped = ray.data.from_items(rows, override_num_blocks=-(-len(items) // size)).map_batches(
+            mapped = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
                 RowWorker, fn_constructor_kwargs={"stage_class": type(stage), "spec": ctx.spec},
                 compute=ray.data.ActorPoolStrategy(size=self.spec.actors), num_cpus=self.spec.num_cpus,
-                batch_size=size, batch_format="pyarrow", **self._retries())
+                batch_size=1, batch_format="pyarrow", **self._retries())
         try:
             for batch in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
-                yield batch["index"].to_pylist(), [pickle.loads(b) for b in batch["output"].to_pylist()]
+                for g, outputs in zip(batch["group"].to_pylist(), batch["outputs"].to_pylist()):
+                    yield groups[g], pickle.loads(outputs)
         except ray.exceptions.RayError as e:
             raise self._failed(e, stage) from None
 
@@ -145,9 +153,8 @@ class RowWorker:
     def __call__(self, batch):
         import pyarrow as pa
 
-        items = [pickle.loads(b) for b in batch["item"].to_pylist()]
-        outputs = self.stage.process_rows(items, self.ctx)
-        return pa.table({"index": batch["index"], "output": pa.array([pickle.dumps(o) for o in outputs], pa.binary())})
+        outputs = [pickle.dumps(self.stage.process_rows(pickle.loads(b), self.ctx)) for b in batch["items"].to_pylist()]
+        return pa.table({"group": batch["group"], "outputs": pa.array(outputs, pa.binary())})
 
 
 def _probe(address: str) -> None:

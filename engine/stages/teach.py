@@ -174,8 +174,25 @@ def _generate(todo: list[tuple[str, str | Conversation]], ctx: RunContext, cache
         if cluster is None:
             outs = ctx.teacher.generate(sent, on_batch=commit, max_new_tokens=max_new_tokens)
         else:
-            outs = cluster.map_rows(Teach(), [(p, max_new_tokens) for p in sent], ctx, on_batch=commit)
+            order, shared = cluster_plan(ctx.spec.teacher, sent)
+            outs = cluster.map_rows(Teach(), [(p, max_new_tokens, shared) for p in sent], ctx, on_batch=commit,
+                                    order=order, unit=ctx.spec.teacher.batch_size)
     return {k: o for (k, _), o in zip(todo, outs)}
+
+
+def cluster_plan(teacher_spec, prompts: list) -> tuple[list[int] | None, int | None]:
+    """For a local teacher on a Ray cluster: the order and shared prefix its one local call would batch
+    `prompts` by (engine/teachers/transformers_backend.py: batch_plan), so that each actor, handed slices of
+    that order, answers every prompt in the batch, and with the prefix, the local call does: the same rows,
+    log-probs included. A server teacher answers each request alone: (None, None)."""
+    if teacher_spec.backend != "transformers":
+        return None, None
+    from engine.models import load_tokenizer
+    from engine.prompts import prompt_ids
+    from engine.teachers.transformers_backend import batch_plan
+
+    tokenizer = load_tokenizer(teacher_spec.local_model)
+    return batch_plan([prompt_ids(tokenizer, p) for p in prompts])
 
 
 def finish_reasons(outputs, spec) -> list[str]:
@@ -204,9 +221,13 @@ class Teach(Stage):
     per_row = True
 
     def process_rows(self, items: list, ctx: RunContext) -> list:
-        """(prompt as sent, max_new_tokens) pairs through this worker's teacher, loaded on its first batch."""
-        max_new_tokens = items[0][1] if items else None  # one ask_teacher call's items share it
-        return context_teacher(ctx).generate([p for p, _ in items], max_new_tokens=max_new_tokens)
+        """(prompt as sent, max_new_tokens, shared prefix length) through this worker's teacher, loaded on its
+        first batch. One ask_teacher call's items share max_new_tokens and the prefix (cluster_plan)."""
+        if not items:
+            return []
+        _, max_new_tokens, shared = items[0]
+        plan = {} if shared is None else {"shared": shared}
+        return context_teacher(ctx).generate([p for p, _, _ in items], max_new_tokens=max_new_tokens, **plan)
 
     def cache_slice(self, spec, store):
         key = [teacher_key(spec.teacher), teacher_fingerprint(spec.teacher)]  # the prompt template's text is in dump

@@ -37,6 +37,12 @@ class Tally:
         return self.padding_tokens / self.prefilled_tokens if self.prefilled_tokens else 0.0
 
 
+def batch_plan(encoded: list[list[int]]) -> tuple[list[int], int]:
+    """How one generate call batches these prompts' token ids: the order (by length; consecutive
+    teacher.batch_size-long runs of it are the batches) and the length of the prefix they all share."""
+    return sorted(range(len(encoded)), key=lambda i: len(encoded[i])), shared_prefix(encoded)
+
+
 class TransformersTeacher:
     def __init__(self, spec_teacher, where: str = "<spec>", *, prefix_cache: bool = True):
         """prefix_cache=False: every batch runs its whole prompts (the plain path, for comparison)."""
@@ -53,16 +59,18 @@ class TransformersTeacher:
 
     @torch.inference_mode()
     def generate(self, prompts: list, on_batch: Callable[[list[int], list[TeacherOutput]], None] | None = None,
-                 max_new_tokens: int | None = None) -> list[TeacherOutput]:
-        """One output per prompt, in order. Prompts are batched by length to limit padding;
+                 max_new_tokens: int | None = None, shared: int | None = None) -> list[TeacherOutput]:
+        """One output per prompt, in order. Prompts are batched by length to limit padding (batch_plan);
         `on_batch(indices, outputs)` hears each batch as soon as it is answered. A prompt is a
-        Conversation (engine.prompts) or a text (one chat user turn)."""
+        Conversation (engine.prompts) or a text (one chat user turn). `shared`: the length of the prefix
+        run once for all (default: the longest these prompts share), so that a slice of a larger call,
+        cut along its plan, is answered exactly as the whole call answers it."""
         encoded = [prompt_ids(self.tokenizer, p) for p in prompts]
-        shared = shared_prefix(encoded) if self.prefix_cache else 0
+        order, whole = batch_plan(encoded)
+        shared = (whole if shared is None else shared) if self.prefix_cache else 0
         prefix = PrefixCache(self.model, encoded[0][:shared]) if shared >= MIN_PREFIX else None
         self.tally.prompt_tokens += sum(len(ids) for ids in encoded)
         self.tally.prefilled_tokens += len(prefix.ids) if prefix else 0
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         outputs: list[TeacherOutput | None] = [None] * len(prompts)
         size = self.spec.batch_size
         for start in range(0, len(order), size):
