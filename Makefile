@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup llama-server browser ray demo test bench clean
+.PHONY: setup llama-server browser ray demo test bench bench-sentiment bench-topic-peer clean
 
 setup: $(STAMP)
 
@@ -86,8 +86,23 @@ $(PEER_STAMP):
 	$(PEER_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 'distilabel[hf-transformers]==1.5.3' transformers==5.24.0 requests
 	touch $@
 
+# Three jobs on the two cores, one torch thread each: sentiment's ablations (the longest) on one; topic's,
+# then the peer comparison, on the other. The tables of both quality runs are printed together at the end.
+BENCH_QUALITY = SYLLABUS_THREADS=1 $(BIN)/python bench/quality.py $(if $(QUICK),--quick) \
+	  --spec specs/bench/$(1).yaml --store out/bench-store/$(1) --out out/bench/quality-$(1)$(if $(QUICK),-quick).json
+
 bench: $(STAMP) $(PEER_STAMP)
-	SYLLABUS_THREADS=1 $(BIN)/python bench/quality.py --jobs 2 $(if $(QUICK),--quick)
+	@began=$$(date +%s); \
+	$(MAKE) --no-print-directory -j2 -Oline bench-sentiment bench-topic-peer && \
+	$(BIN)/python bench/quality.py --show out/bench/quality-topic$(if $(QUICK),-quick).json \
+	  out/bench/quality-sentiment$(if $(QUICK),-quick).json && \
+	echo "make bench: $$(( $$(date +%s) - began )) s of wall time"
+
+bench-sentiment:
+	$(call BENCH_QUALITY,sentiment)
+
+bench-topic-peer:
+	$(call BENCH_QUALITY,topic)
 	SYLLABUS_THREADS=1 $(BIN)/python bench/peer.py --spec specs/demo.yaml --spec specs/bench/topic.yaml \
 	  --spec specs/bench/sentiment.yaml $(if $(QUICK),--quick)
 

@@ -908,7 +908,7 @@ class Executor(Strict):
     kind: Literal["local", "ray"] = "local"
     address: str = "auto"  # a running Ray cluster: auto (the one this machine started) or HOST:PORT
     actors: int = Field(2, ge=1)  # Ray actors per stage, each loading the teacher or embedder once
-    batch_size: int = Field(16, ge=1)  # rows per Ray batch
+    batch_size: int = Field(16, ge=1)  # rows per Ray batch (teach: rounded up to whole teacher batches)
     num_cpus: float = Field(1.0, gt=0)  # CPUs each actor reserves
     retries: int = Field(3, ge=0)  # restarts of a dead actor, and retries of its batch
 
