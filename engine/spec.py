@@ -618,6 +618,10 @@ CONFIDENCE_MEASURES = ("mean_token_prob", "min_token_prob", "answer_prob", "marg
 OPTION_MEASURES = ("option_answer_prob", "option_margin", "option_entropy")
 
 
+# Confidence measures read from the top-k, left null on sampled targets (engine/stages/confidence.py).
+SAMPLED_WITHOUT = ("margin", "entropy")
+
+
 class Mining(Strict):
     # self_consistency: the share of the teacher.samples answers agreeing with the most common one (samples > 1).
     confidence: Literal["mean_token_prob", "min_token_prob", "answer_prob", "margin", "entropy",
@@ -999,6 +1003,10 @@ class Spec(Strict):
             if self.ensemble is not None:
                 raise ValueError("teacher.logprobs.mode: sampled cannot go with ensemble: the members' top-k "
                                  "would be mixed into the teacher's draws, which are no longer unbiased")
+            if self.mining.confidence in SAMPLED_WITHOUT:
+                raise ValueError(f"mining.confidence: {self.mining.confidence} needs the teacher's top-k "
+                                 "(teacher.logprobs.mode: topk); sampled targets leave it empty (engine/stages/"
+                                 "confidence.py); mean_token_prob, min_token_prob and answer_prob are exact with both")
         return self
 
     @model_validator(mode="after")

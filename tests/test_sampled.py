@@ -188,3 +188,32 @@ def test_a_sampled_dataset_records_its_mode_and_training_reads_it(tmp_path, tiny
         assert math.fsum(math.exp(v) for v in lps if v is not None and v > -math.inf) == pytest.approx(1, abs=3e-3)
     with pytest.raises(SpecError, match="training.loss.temperature: the dataset holds sampled targets"):
         train(loaded, st, progress=False)  # the default T = 2, refused from the dataset's own lineage
+    # Margin and entropy from the draws' counts would be noise and biased low: null; the chosen-token measures
+    # are exact in both modes.
+    examples = st.read("tiny@1", "examples")
+    assert examples["conf_margin"].null_count() == examples["conf_entropy"].null_count() == examples.height
+    assert examples["conf_mean_token_prob"].null_count() == 0
+    # Evaluation reports no token KL against the draws' counts (it would be biased upward), for any model.
+    from engine.train.runs import evaluate
+
+    spec["training"]["loss"] = {"temperature": 1.0}
+    spec["eval"] = {"split": "train", "speed_prompts": 1, "speed_tokens": 2}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    at_t1 = load_spec(tmp_path / "spec.yaml")
+    train(at_t1, st, progress=False)
+    report, _ = evaluate(at_t1, st, progress=False)
+    rows = [row for entry in report["sets"] for row in entry["models"]]
+    assert len({row["kind"] for row in rows}) == 2 and all(row["token_kl"] is None for row in rows)
+
+
+@pytest.mark.parametrize("measure", ["margin", "entropy"])
+def test_spec_refuses_mining_sampled_targets_on_a_top_k_measure(tiny_llm_dir, measure):
+    from engine.spec import parse_spec
+
+    data = tiny_train_spec(tiny_llm_dir, [FRESH]).model_dump(mode="json", exclude_defaults=True)
+    data["teacher"]["logprobs"] = {"top_k": 8, "mode": "sampled"}
+    data["mining"] = {"confidence": measure, "band": [0.1, 0.9]}
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    assert str(e.value).startswith(f"<spec>: mining.confidence: {measure} needs the teacher's top-k")
+    assert "\n" not in str(e.value)

@@ -9,6 +9,11 @@ re-runs the teacher. All measures come from the stored T=1 log-probs:
 - margin: mean gap between the top-1 and top-2 token probabilities
 - entropy: mean per-token entropy over the top-k plus one tail bucket (a lower bound)
 
+margin and entropy are null on sampled targets (teacher.logprobs.mode: sampled): there the stored
+distribution is the draws' counts, whose margin is noise and whose entropy is biased low; the spec refuses
+mining on them (engine/spec.py: SAMPLED_WITHOUT). The other measures read the chosen token's own
+log-prob, which both modes store exactly.
+
 and, with teacher.samples > 1 (the rows carry sample_answers), one measure over the samples:
 
 - self_consistency: share of the N sample answers equal to the most common one, normalised as eval
@@ -25,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from engine.models import load_tokenizer
-from engine.spec import CONFIDENCE_MEASURES
+from engine.spec import CONFIDENCE_MEASURES, SAMPLED_WITHOUT
 from engine.stages.base import RunContext, Stage, dump, no_rejections
 from engine.teachers.answers import self_consistency
 
@@ -102,6 +107,8 @@ class Confidence(Stage):
             top_lp = np.asarray(top.cast(pl.List(pl.Float32)).to_list(), dtype=np.float32).reshape(len(ids), -1)
             measures.append(row_measures(lps.to_numpy(), top_lp, answer_start(tokenizer, ids, marker),
                                          eos_last=bool(ids) and ids[-1] == eos))
+        if spec.teacher.logprobs.mode == "sampled":
+            measures = [{**m, **{f"conf_{name}": None for name in SAMPLED_WITHOUT}} for m in measures]
         scores = pl.DataFrame(measures, schema={f"conf_{m}": pl.Float64 for m in CONFIDENCE_MEASURES})
         if "sample_answers" in frame.columns:
             scores = scores.with_columns(conf_self_consistency=sample_agreement(frame))

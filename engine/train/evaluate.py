@@ -57,6 +57,9 @@ METHODS = {
     "baseline": "majority class: the most frequent gold label's share of the same rows",
     "spread": "min-max over training seeds (sd beside it)",
     "one_answer": f"a model whose most frequent answer covers at least {ONE_ANSWER_SHARE:.0%} of the rows",
+    "token_kl": "mean over response tokens of KL(teacher's stored top-k + tail bucket at T=1 || model), "
+                "teacher-forced; none on sampled targets (teacher.logprobs.mode: sampled), whose counts would "
+                "bias it upward by H(p) - E[H(q)], nor for a trimmed vocabulary",
 }
 
 
@@ -203,6 +206,7 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
     from engine.stages.teach import teacher_contexts
 
     teacher_reads = [teacher_contexts(s.rows, spec) for s in sets]
+    sampled = spec.teacher.logprobs.mode == "sampled"  # no token KL from draws' counts (METHODS)
     student_reads = [student_conversations(_as_examples(s.rows), spec) for s in sets]
 
     batches = sum(-(-s.rows.height // batch) for s in sets)
@@ -223,7 +227,7 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
                                                          teacher_reads):
             scores = score(answers, gold, cats, s.labels)
             teacher_scores.append(scores)
-            kl = mean_token_kl(teacher, tokenizer, s.rows, reads, batch, tick)
+            kl = None if sampled else mean_token_kl(teacher, tokenizer, s.rows, reads, batch, tick)
             report["models"].append(_row(spec.teacher.model, "teacher", None, s, size, scores, kl, report["baseline"],
                                          retention=1.0 if scores["accuracy"] else None, retention_ci=None))
         del teacher
@@ -252,6 +256,10 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
                     # Token KL is skipped (None) for a trimmed vocabulary: the stored responses may hold ids
                     # it lacks (the eval rows were not in the vocabulary's choice), and folding the top-k
                     # ids it lacks into the tail gives a coarser KL, not comparable with the other rows'.
+                    kl = None
+                    for _ in range(-(-s.rows.height // batch)):
+                        tick()
+                elif sampled:
                     kl = None
                     for _ in range(-(-s.rows.height // batch)):
                         tick()
