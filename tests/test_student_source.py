@@ -101,10 +101,17 @@ def test_a_students_answers_scored_by_the_teacher_become_a_version(project, cli,
     write(folder, "onpolicy.yaml", on_policy_spec(str(tiny_llm_dir), source))
     code, out, err = cli("validate", "onpolicy.yaml")
     assert code == 0, err
+    train_rows = tiny_examples.filter(tiny_examples["split"] == "train")
+    n = train_rows.height
+    # plan: the teacher generates nothing here; it scores each student answer (a teacher call each).
+    code, out, err = cli("plan", "onpolicy.yaml")
+    assert code == 0, err
+    assert f"teacher calls to pay: {n} of {n} prompts" in out
+    assert f"student sources: {n} rows, answered by their students ({n} answers to generate) and scored by the " \
+           f"teacher ({n} scorings to pay, counted above)" in " ".join(out.split())
 
     code, out, err = cli("run", "onpolicy.yaml", "-q")
     assert code == 0, err
-    train_rows = tiny_examples.filter(tiny_examples["split"] == "train")
     # One scoring by the teacher per row; the student's generations are not teacher calls.
     assert out.strip() == f"committed onpolicy@1: {train_rows.height} examples, {train_rows.height} teacher calls"
 
@@ -150,6 +157,10 @@ def test_a_students_answers_scored_by_the_teacher_become_a_version(project, cli,
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr("engine.teachers.transformers_backend.load_causal_lm", no_model)
+    code, out, err = cli("plan", "onpolicy.yaml")  # from the request cache alone: nothing left to pay
+    assert code == 0, err
+    assert "teacher calls to pay: 0" in out and "(0 answers to generate)" in out and "(0 scorings to pay" in \
+        " ".join(out.split())
     code, out, err = cli("run", "onpolicy.yaml", "-q")
     assert code == 0, err
     assert out.strip().startswith("nothing new: onpolicy@1") and out.strip().endswith("0 teacher calls)")

@@ -151,6 +151,9 @@ def plan(spec: Path = typer.Argument(..., help="spec file (YAML)"), store: Optio
     if p.top_up:
         out.print("plus the calls of top-up rounds for categories short of their quota "
                   "(coverage.augment_until_quota), known only once selection has run")
+    if p.student_rows:
+        out.print(f"student sources: {p.student_rows} rows, answered by their students ({p.student_calls} answers "
+                  f"to generate) and scored by the teacher ({p.scorings} scorings to pay, counted above)")
     for line in member_lines(p):  # ensemble members: their own answers and scorings
         out.print(line, highlight=False, soft_wrap=True)
     _print_shapes(shapes)

@@ -39,6 +39,11 @@ class Plan:
     # as teacher_calls; None: no coverage, or the teach stage is cached.
     best_calls: int | None = None
     # ensemble: per member, the prompts it is asked and the answers and scorings still to pay (member_calls)
+    # Rows of `from: students:` sources: their students answer (student_calls to pay), the teacher scores
+    # (scorings to pay, one teacher call each, counted in teacher_calls as a run counts them).
+    student_rows: int = 0
+    student_calls: int = 0
+    scorings: int = 0
     members: list[dict] = field(default_factory=list)
 
 
@@ -90,7 +95,14 @@ def make_plan(spec, st) -> Plan:
 
 
 def _count_calls(plan: Plan, frame, spec, ctx) -> None:
+    from engine.stages.student_source import split_student_rows
+    from engine.teachers.student_answers import calls_to_pay
+
     fingerprint = teacher_fingerprint(spec.teacher)
+    frame, by_students = split_student_rows(frame)  # answered by their students, scored by the teacher
+    if by_students.height:
+        plan.student_rows = by_students.height
+        plan.student_calls, plan.scorings = calls_to_pay(by_students, ctx)
     prompts = render_teacher_prompts(frame, spec)[0]
     # One request per row and sample: sample i is asked with generation.seed + i, a key of its own.
     plan.samples = spec.teacher.samples
@@ -105,7 +117,7 @@ def _count_calls(plan: Plan, frame, spec, ctx) -> None:
         measured = answers.speed(fingerprint)
     finally:
         answers.close()
-    plan.teacher_rows, plan.teacher_calls = len(keys), len(keys - cached)
+    plan.teacher_rows, plan.teacher_calls = len(keys) + plan.student_rows, len(keys - cached) + plan.scorings
     if spec.coverage is not None:  # what ordered teaching may ask, and pays at best (samples: for the rows it asks)
         bounds = [call_bounds(frame, row_keys, cached, spec) for row_keys in per_sample]
         rows, most, plan.best_calls = (sum(b[i] for b in bounds) for i in range(3))

@@ -148,3 +148,36 @@ def _teacher_scorings(prompts: list, responses: list, ctx: RunContext) -> tuple[
                                      on_batch=lambda n: bar.advance(task, n))
     ctx.counters["teacher_calls"] = ctx.counters.get("teacher_calls", 0) + new
     return scored, new
+
+
+# --- what a run would pay (syllabus plan) ---------------------------------------------------------------
+
+
+def calls_to_pay(rows: pl.DataFrame, ctx: RunContext) -> tuple[int, int]:
+    """(student answers, teacher scorings) a run would pay for these student-source rows, read from the
+    request cache without loading a model: an answer not cached yet means its scoring is not either."""
+    from engine.stages.teach import generation_params, render_teacher_prompts
+    from engine.teachers.forced import forced_key
+    from engine.teachers.request_cache import TeacherCache, request_key
+
+    prompts, _ = render_teacher_prompts(rows, ctx.spec)
+    kept = [i for i, p in enumerate(prompts) if p is not None]  # the rest teach rejects, unasked
+    rows, prompts = rows[kept], [prompts[i] for i in kept]
+    teacher = ctx.spec.teacher
+    cache = TeacherCache(ctx.cache_dir / "teacher.sqlite")
+    try:
+        answers_missing, scorings_missing = set(), set()
+        for index, positions in _by_source(rows).items():
+            student = _student_spec(ctx.spec, ctx.spec.sources[index])
+            fingerprint, params = teacher_fingerprint(student.teacher), generation_params(student)
+            keys = [request_key(fingerprint, params, c) for c in student_contexts(rows[positions], index, ctx)]
+            found = cache.get_many(keys)
+            answers_missing |= {k for k in keys if k not in found}
+            scorings = {i: forced_key(teacher_fingerprint(teacher), teacher.logprobs.top_k, prompts[i],
+                                      found[k].token_ids) for i, k in zip(positions, keys) if k in found}
+            scored = cache.get_many(sorted(set(scorings.values())))
+            scorings_missing |= {key for key in scorings.values() if key not in scored}
+            scorings_missing |= {("unanswered", i) for i, k in zip(positions, keys) if k not in found}
+    finally:
+        cache.close()
+    return len(answers_missing), len(scorings_missing)
