@@ -72,10 +72,11 @@ $(RAY_STAMP): $(STAMP) requirements-ray.lock
 test: $(STAMP) $(LLAMA_STAMP) $(RAY_STAMP) browser
 	$(BIN)/python -m pytest -q
 
-# The benchmarks behind the README's Results: the quality ablations (bench/quality.py, both bench specs at
-# once, 3 seeds) and the peer comparison (bench/peer.py). `make bench QUICK=1`: their smoke runs. Teacher
-# answers are cached in out/bench-store, so a second run pays only for training. The other bench/*.py scripts
-# each measure one part (see their docstrings) and run on their own.
+# The benchmarks behind the README's Results: the quality ablations (bench/quality.py, both bench specs,
+# 3 seeds) and the peer comparison (bench/peer.py); 44 minutes on 2 cores from a fresh store. `make bench
+# QUICK=1`: their smoke runs. Each bench spec has its store (out/bench-store/topic, .../sentiment): teacher
+# answers and trained runs are cached there, so a second run pays only for what changed. The other
+# bench/*.py scripts each measure one part (see their docstrings) and run on their own.
 PEER_VENV  := out/peer-venv
 PEER_STAMP := $(PEER_VENV)/.installed
 
@@ -93,7 +94,7 @@ BENCH_QUALITY = SYLLABUS_THREADS=1 $(BIN)/python bench/quality.py $(if $(QUICK),
 
 bench: $(STAMP) $(PEER_STAMP)
 	@began=$$(date +%s); \
-	$(MAKE) --no-print-directory -j2 -Oline bench-sentiment bench-topic-peer && \
+	$(MAKE) --no-print-directory -j2 bench-sentiment bench-topic-peer && \
 	$(BIN)/python bench/quality.py --show out/bench/quality-topic$(if $(QUICK),-quick).json \
 	  out/bench/quality-sentiment$(if $(QUICK),-quick).json && \
 	echo "make bench: $$(( $$(date +%s) - began )) s of wall time"

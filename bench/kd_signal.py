@@ -2,8 +2,9 @@
 on-policy steps, for one full-vocabulary student at equal steps, over seeds.
 
     .venv/bin/python bench/kd_signal.py [--spec specs/demo.yaml --spec specs/bench/language.yaml]
-                                        [--seeds 0,1,2] [--only ARMS] [--quick] [--store out/bench-store]
-    .venv/bin/python bench/kd_signal.py --show out/bench/kd_signal-TIME.json     # the tables again
+                                        [--seeds 0,1,2] [--only ARMS] [--max-steps N] [--quick]
+                                        [--store out/bench-store]
+    .venv/bin/python bench/kd_signal.py --show out/bench/kd_signal-TIME.json [MORE.json]   # the tables again
 
 The harness is bench/quality.py's (imported, not copied): per spec the reference arm `top20` is the spec
 curated with teacher.logprobs {top_k: 20, mode: topk} and trained on stored targets; every other arm
@@ -61,7 +62,8 @@ steps); a student sampling 12-16 tokens at batch 8 ~0.3 s. Per spec and seed: ea
 top50, sampled20, top20-T1) ~7 min; online ~16 min (a teacher forward every step); on-policy ~12 min (half
 the steps sample and are scored by the teacher). That is ~63 min per spec and seed, ~6.3 hours for 3 seeds x
 2 specs, plus ~15 minutes of new teacher answers and ~25 minutes of evals: about 7 hours, 40% of it online
-and on-policy. --only splits it (each run is cached in the store, so a later full run reuses it). The quick
+and on-policy. --max-steps N trains every arm N steps instead of the spec's epochs (the table says how
+many); --only splits it (each run is cached in the store, so a later full run reuses it). The quick
 test (7 arms x 2 seeds x <= 12 steps) takes 40-65 s.
 
 Output: a JSON file of every figure (out/bench/kd_signal-TIME.json) and a markdown table, printed and
@@ -341,6 +343,24 @@ def _row(arm: dict, reference: dict, shared: list[dict]) -> list[str]:
     return cells + [_time_cell(arm, reference), _memory_cell(arm), _bytes_cell(arm), verdict]
 
 
+def merged(results: list[dict]) -> list[dict]:
+    """One result per spec: the arms of runs split by --only, each arm once (the first run's), the
+    reference first. Runs of one spec must share seeds, student and steps, or their arms do not compare."""
+    by_spec: dict[str, dict] = {}
+    for result in results:
+        first = by_spec.setdefault(result["spec"], {**result, "arms": []})
+        reference = result["arms"][0]
+        known = {a["arm"] for a in first["arms"]}
+        if first["arms"]:
+            ours = first["arms"][0]
+            if (result["seeds"], result["student"], reference["steps"], reference["dataset"]) != \
+                    (first["seeds"], first["student"], ours["steps"], ours["dataset"]):
+                raise SystemExit(f"{result['spec']}: runs with other seeds, student, steps or reference data "
+                                 "cannot share a table")
+        first["arms"] += [arm for arm in result["arms"] if arm["arm"] not in known]
+    return list(by_spec.values())
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -350,10 +370,12 @@ def main(argv: list[str] | None = None) -> None:
                             only_help="arms to run besides top20, comma-separated (default: all)",
                             student_help="the student every arm trains, as a spec writes it, in JSON (default: "
                                          "tenth, full vocabulary)")
-    parser.add_argument("--show", type=Path, help="print the table of an earlier run's JSON, run nothing")
+    parser.add_argument("--show", type=Path, nargs="+",
+                        help="print the tables of earlier runs' JSON, run nothing; runs of the same spec split by "
+                             "--only (at the same seeds and steps) are merged into one table")
     args = parser.parse_args(argv)
     if args.show:
-        print(markdown(json.loads(args.show.read_text())["specs"]))
+        print(markdown(merged([spec for path in args.show for spec in json.loads(path.read_text())["specs"]])))
         return
     console = Console(width=200) if not Console().is_terminal else Console()
     seeds = quality.QUICK_SEEDS if args.quick else \
@@ -365,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         bench = Settings(store.open(Path(tmp) / "store" if args.fresh else args.store), seeds, args.quick,
-                         args.progress, args.student, console)
+                         args.progress, args.student, console, args.max_steps)
         results = [bench_one(path, only, bench) for path in (args.spec or map(Path, DEFAULT_SPECS))]
     quality.write_results(args, results, {"threads": threads, "seeds": seeds, "quick": args.quick,
                                           "wall_s": time.perf_counter() - began, "machine": quality.machine()},

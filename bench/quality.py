@@ -1,7 +1,8 @@
 """What each data and loss lever is worth: ablations at equal data size and steps, over seeds.
 
     .venv/bin/python bench/quality.py [--spec specs/bench/topic.yaml --spec specs/bench/sentiment.yaml]
-                                      [--seeds 0,1,2] [--only ARMS] [--quick] [--store out/bench-store]
+                                      [--seeds 0,1,2] [--only ARMS] [--max-steps N] [--quick]
+                                      [--store out/bench-store]
     .venv/bin/python bench/quality.py --show out/bench/quality-TIME.json     # the tables again
 
 Per spec, the spec as written is the `base` arm: curated as `syllabus run` does (into the bench's
@@ -230,6 +231,7 @@ class Settings:
     progress: bool
     student: dict
     console: Console
+    max_steps: int | None = None  # every arm trains at most this many steps (default: the spec's epochs)
 
 
 def run_arm(arm: Arm, raw: dict, path: Path, bench: Settings, base: dict | None) -> dict:
@@ -256,8 +258,9 @@ def run_arm(arm: Arm, raw: dict, path: Path, bench: Settings, base: dict | None)
     out = {"arm": arm.name, "what": arm.what, "dataset": dataset, "train_rows": train_rows,
            "kept_per_category": per_category, "teacher_calls": calls, "curation_created": created}
     if base is None:  # the base decides the steps of all, and the shared in-distribution set
-        spec = bench_spec(raw, path, arm="base", loss={}, steps=train_steps(spec, train_rows), base_ref=dataset,
-                          **common)
+        steps = train_steps(spec, train_rows)
+        spec = bench_spec(raw, path, arm="base", loss={}, steps=min(steps, bench.max_steps or steps),
+                          base_ref=dataset, **common)
     out["steps"] = spec.training.max_steps
     trained = runs.train_seeds(spec, st, dataset, seeds, progress=progress)
     report, report_path = runs.evaluate(spec, st, dataset, seeds=seeds, progress=progress)
@@ -440,6 +443,8 @@ def bench_arguments(parser, *, specs: list[str], student: dict, student_help: st
                         help="spec to bench (repeatable; default: " + " and ".join(specs) + ")")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (default 0,1,2)")
     parser.add_argument("--only", help=only_help)
+    parser.add_argument("--max-steps", type=int, help="train every arm at most this many optimizer steps "
+                                                      "(default: the spec's epochs over the base's train rows)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: seeds {QUICK_SEEDS}, at most {QUICK_STEPS} steps")
     parser.add_argument("--store", type=Path, default=Path("out/bench-store"),
@@ -475,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         bench = Settings(store.open(Path(tmp) / "store" if args.fresh else args.store), seeds, args.quick,
-                         args.progress, args.student, console)
+                         args.progress, args.student, console, args.max_steps)
         results = [bench_one(path, only, bench) for path in paths]
     write_results(args, results, {"threads": threads, "seeds": seeds, "quick": args.quick,
                                   "wall_s": time.perf_counter() - began, "machine": machine()}, console)

@@ -47,7 +47,7 @@ def test_quick_run_has_every_signal_at_equal_steps_on_the_same_rows(kd_signal, p
     monkeypatch.chdir(project)
     out = project / "kd.json"
     student = {"name": "half", "from_teacher": {"keep_layers": 2}}
-    kd_signal.main(["--quick", "--spec", "spec.yaml", "--store", "store", "--out", str(out),
+    kd_signal.main(["--quick", "--spec", "spec.yaml", "--store", "store", "--out", str(out), "--max-steps", "4",
                     "--student", json.dumps(student)])
     result = json.loads(out.read_text())["specs"][0]
     arms = {a["arm"]: a for a in result["arms"]}
@@ -56,7 +56,7 @@ def test_quick_run_has_every_signal_at_equal_steps_on_the_same_rows(kd_signal, p
     shared = [(s["name"], s["n"]) for s in reference["sets"] if not s["own_split"]]
     assert len(shared) == 2 and shared[1][1] == 10
     for arm in arms.values():
-        assert arm["steps"] == reference["steps"] <= kd_signal.quality.QUICK_STEPS
+        assert arm["steps"] == reference["steps"] == 4  # --max-steps caps the spec's epochs
         assert arm["cost"]["steps_by_seed"] == [reference["steps"]] * 2  # each seed ran every step
         assert set(arm["runs"]) == {"0", "1"}
         assert [(s["name"], s["n"]) for s in arm["sets"] if not s["own_split"]] == shared
@@ -79,3 +79,16 @@ def test_quick_run_has_every_signal_at_equal_steps_on_the_same_rows(kd_signal, p
     assert table in capsys.readouterr().out
     kd_signal.main(["--show", str(out)])
     assert capsys.readouterr().out.strip() == table.strip()
+    # Runs split by --only print as one table; runs at other steps refuse to.
+    data = json.loads(out.read_text())
+    arms = data["specs"][0]["arms"]
+    halves = [project / "a.json", project / "b.json"]
+    for path, part in zip(halves, [arms[:4], arms[:1] + arms[4:]]):
+        path.write_text(json.dumps({**data, "specs": [{**data["specs"][0], "arms": part}]}))
+    kd_signal.main(["--show", *map(str, halves)])
+    assert capsys.readouterr().out.strip() == table.strip()
+    other = json.loads(halves[1].read_text())
+    other["specs"][0]["arms"][0]["steps"] += 1
+    halves[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="cannot share a table"):
+        kd_signal.main(["--show", *map(str, halves)])
