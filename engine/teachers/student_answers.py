@@ -164,20 +164,21 @@ def calls_to_pay(rows: pl.DataFrame, ctx: RunContext) -> tuple[int, int]:
     kept = [i for i, p in enumerate(prompts) if p is not None]  # the rest teach rejects, unasked
     rows, prompts = rows[kept], [prompts[i] for i in kept]
     teacher = ctx.spec.teacher
+    scorer = teacher_fingerprint(teacher)
     cache = TeacherCache(ctx.cache_dir / "teacher.sqlite")
     try:
-        answers_missing, scorings_missing = set(), set()
+        answers_missing, scorings_missing, unanswered = set(), set(), 0
         for index, positions in _by_source(rows).items():
             student = _student_spec(ctx.spec, ctx.spec.sources[index])
             fingerprint, params = teacher_fingerprint(student.teacher), generation_params(student)
             keys = [request_key(fingerprint, params, c) for c in student_contexts(rows[positions], index, ctx)]
             found = cache.get_many(keys)
             answers_missing |= {k for k in keys if k not in found}
-            scorings = {i: forced_key(teacher_fingerprint(teacher), teacher.logprobs.top_k, prompts[i],
-                                      found[k].token_ids) for i, k in zip(positions, keys) if k in found}
-            scored = cache.get_many(sorted(set(scorings.values())))
-            scorings_missing |= {key for key in scorings.values() if key not in scored}
-            scorings_missing |= {("unanswered", i) for i, k in zip(positions, keys) if k not in found}
+            scorings = {forced_key(scorer, teacher.logprobs.top_k, prompts[i], found[k].token_ids)
+                        for i, k in zip(positions, keys) if k in found}
+            scored = cache.get_many(sorted(scorings))
+            scorings_missing |= scorings - set(scored)
+            unanswered += sum(k not in found for k in keys)  # its scoring is not cached either
     finally:
         cache.close()
-    return len(answers_missing), len(scorings_missing)
+    return len(answers_missing), len(scorings_missing) + unanswered
