@@ -252,14 +252,11 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
                 acc, t_acc = scores["accuracy"], t_scores["accuracy"]
                 retention = acc / t_acc if acc is not None and t_acc else None
                 ci = retention_interval(np.array(scores["correct_rows"]), np.array(t_scores["correct_rows"]))
-                if trimmed:
-                    # Token KL is skipped (None) for a trimmed vocabulary: the stored responses may hold ids
-                    # it lacks (the eval rows were not in the vocabulary's choice), and folding the top-k
-                    # ids it lacks into the tail gives a coarser KL, not comparable with the other rows'.
-                    kl = None
-                    for _ in range(-(-s.rows.height // batch)):
-                        tick()
-                elif sampled:
+                if trimmed or sampled:
+                    # Token KL is skipped (None) on sampled targets (METHODS) and for a trimmed vocabulary:
+                    # the stored responses may hold ids it lacks (the eval rows were not in the vocabulary's
+                    # choice), and folding the top-k ids it lacks into the tail gives a coarser KL, not
+                    # comparable with the other rows'.
                     kl = None
                     for _ in range(-(-s.rows.height // batch)):
                         tick()
