@@ -193,8 +193,22 @@ def test_a_sampled_dataset_records_its_mode_and_training_reads_it(tmp_path, tiny
     examples = st.read("tiny@1", "examples")
     assert examples["conf_margin"].null_count() == examples["conf_entropy"].null_count() == examples.height
     assert examples["conf_mean_token_prob"].null_count() == 0
-    # Evaluation reports no token KL against the draws' counts (it would be biased upward), for any model.
+    # Evaluation reports no token KL against the draws' counts (it would be biased upward), for any model,
+    # and its progress bar still ends full.
+    import importlib
+
     from engine.train.runs import evaluate
+
+    evaluation = importlib.import_module("engine.train.evaluate")  # the module, not the function of that name
+
+    bars = []
+
+    class RecordedProgress(evaluation.Progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(evaluation, "Progress", RecordedProgress)
 
     spec["training"]["loss"] = {"temperature": 1.0}
     spec["eval"] = {"split": "train", "speed_prompts": 1, "speed_tokens": 2}
@@ -204,6 +218,7 @@ def test_a_sampled_dataset_records_its_mode_and_training_reads_it(tmp_path, tiny
     report, _ = evaluate(at_t1, st, progress=False)
     rows = [row for entry in report["sets"] for row in entry["models"]]
     assert len({row["kind"] for row in rows}) == 2 and all(row["token_kl"] is None for row in rows)
+    assert [(t.completed, t.total) for t in bars[-1].tasks] == [(bars[-1].tasks[0].total,) * 2]
 
 
 @pytest.mark.parametrize("measure", ["margin", "entropy"])

@@ -227,7 +227,8 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
                                                          teacher_reads):
             scores = score(answers, gold, cats, s.labels)
             teacher_scores.append(scores)
-            kl = None if sampled else mean_token_kl(teacher, tokenizer, s.rows, reads, batch, tick)
+            kl = skip_token_kl(s.rows, batch, tick) if sampled else mean_token_kl(teacher, tokenizer, s.rows, reads,
+                                                                                   batch, tick)
             report["models"].append(_row(spec.teacher.model, "teacher", None, s, size, scores, kl, report["baseline"],
                                          retention=1.0 if scores["accuracy"] else None, retention_ci=None))
         del teacher
@@ -257,9 +258,7 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
                     # the stored responses may hold ids it lacks (the eval rows were not in the vocabulary's
                     # choice), and folding the top-k ids it lacks into the tail gives a coarser KL, not
                     # comparable with the other rows'.
-                    kl = None
-                    for _ in range(-(-s.rows.height // batch)):
-                        tick()
+                    kl = skip_token_kl(s.rows, batch, tick)
                 else:
                     kl = mean_token_kl(model, tok, s.rows, texts, batch, tick)
                 report["models"].append(_row(run.name, kinds.get(run.name, "student"), run.seed, s, size, scores, kl,
@@ -339,6 +338,12 @@ def decode_speed(model, tokenizer, prompts: list[list[int]], n_tokens: int, tick
         rates.append(n_tokens / (time.perf_counter() - start))
         tick()
     return float(np.median(rates))
+
+
+def skip_token_kl(rows: pl.DataFrame, batch: int, tick=lambda: None) -> None:
+    """No token KL for these rows: advance the progress bar by the batches mean_token_kl would have run."""
+    for _ in range(-(-rows.height // batch)):
+        tick()
 
 
 @torch.inference_mode()
