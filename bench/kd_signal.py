@@ -38,7 +38,8 @@ language ~280), plus ~1 minute of eval answers.
 
 Reported per arm and shared set (the reference version's test split, drawn before the teacher answered and
 never mined, and each eval.source): retention as mean over seeds [95% interval averaged over seeds]
-(min-max over seeds), and the change against top20 with a 95% paired bootstrap over rows (quality.compare);
+(min-max over seeds), and the change against top20 with a 95% two-level paired bootstrap (quality.compare:
+each seed's run paired with top20's run of that seed; seeds resampled, then rows);
 cost per optimizer step: the student's own step (metrics.json seconds_per_step), the teacher's forwards
 (teacher_forward_seconds / steps) and the on-policy sampling and scoring (on_policy sampling_seconds,
 scoring_seconds / steps); peak memory (metrics.json peak_memory: host RSS, CUDA allocated; the bench resets
@@ -325,7 +326,8 @@ def markdown(results: list[dict]) -> str:
         lines += ["", winner(result), ""]
     lines.append("retention: student / teacher accuracy on the same rows, mean over seeds [95% interval averaged "
                  "over seeds] (min–max over seeds); vs top-20: change in retention, points [95% paired bootstrap "
-                 "over rows, each row averaged over seeds]; s/step: median over seeds of the student's step + the "
+                 "over seeds, then rows; each seed paired with top-20's]; s/step: median over seeds of the "
+                 "student's step + the "
                  "teacher's forwards + on-policy sampling and scoring, per optimizer step (xN: against top-20); "
                  "peak memory: host RSS high-water mark of the arm's training (+growth over the RSS at its start); "
                  "bytes/token: topk_ids + topk_logprobs of the version's examples, zstd Parquet, per response token "
@@ -375,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
                              "--only (at the same seeds and steps) are merged into one table")
     args = parser.parse_args(argv)
     if args.show:
-        print(markdown(merged([spec for path in args.show for spec in json.loads(path.read_text())["specs"]])))
+        print(markdown(quality.compare_all(merged([spec for path in args.show
+                                                    for spec in json.loads(path.read_text())["specs"]]))))
         return
     console = Console(width=200) if not Console().is_terminal else Console()
     seeds = quality.QUICK_SEEDS if args.quick else \

@@ -27,9 +27,10 @@ Every arm is scored on the same rows: the base version's own test split (drawn b
 answered, never mined: the in-distribution set) and each of the spec's eval.sources (wording held
 out from curation). Per arm and set: accuracy and retention (student / teacher accuracy on the same
 rows) as the mean over seeds with the 95% interval averaged over seeds and the min-max over seeds;
-and against the base, the change in retention with a 95% paired bootstrap interval over rows (each
-row's outcome averaged over seeds). The verdict says "gain" or "loss" only where that interval
-excludes 0, and "no clear difference" otherwise.
+and against the base, the change in retention with a 95% two-level paired bootstrap interval (each seed's
+run paired with the base's run of that seed; seeds resampled, then rows: a seed that collapses widens it).
+The verdict says "gain" or "loss" only where that
+interval excludes 0, and "no clear difference" otherwise.
 
 Output: a JSON file of every figure (out/bench/quality-TIME.json) and a markdown table, printed and
 written beside it. --quick: seeds 0 and 1, at most QUICK_STEPS steps, small calibration, the first
@@ -307,22 +308,29 @@ def seed_figure(rows: list[dict], key: str, ci_key: str) -> dict:
 # --- comparison with the base ---------------------------------------------------------------
 
 
-def row_means(correct_by_seed: dict[str, str]) -> np.ndarray | None:
-    """Each row's outcome averaged over seeds (None when the seeds' rows differ)."""
-    rows = [np.array([c == "1" for c in s], dtype=float) for s in correct_by_seed.values() if s]
-    if not rows or len({len(r) for r in rows}) != 1:
+def seed_rows(correct_by_seed: dict[str, str]) -> dict[str, np.ndarray] | None:
+    """Each seed's row outcomes (None when the seeds' rows differ)."""
+    rows = {seed: np.array([c == "1" for c in s], dtype=float) for seed, s in correct_by_seed.items() if s}
+    if not rows or len({len(r) for r in rows.values()}) != 1:
         return None
-    return np.mean(rows, axis=0)
+    return rows
 
 
-def paired_change(arm: np.ndarray, base: np.ndarray, teacher_accuracy: float, *,
+def paired_change(arm: dict[str, np.ndarray], base: dict[str, np.ndarray], teacher_accuracy: float, *,
                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
-    """The change in retention from base to arm, with a 95% paired bootstrap interval over rows."""
-    diff = (arm - base) / teacher_accuracy
+    """The change in retention from base to arm, each seed's run paired with the base's run of that seed,
+    with a 95% two-level bootstrap interval: seeds, then rows. Resampling rows alone would take the
+    seeds' mean for certain, and a short run's seeds can differ by more than the arms do."""
+    seeds = [s for s in arm if s in base]
+    diff = np.stack([(arm[s] - base[s]) / teacher_accuracy for s in seeds])  # seeds x rows
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    n_seeds, n_rows = diff.shape
+    picked_seeds = rng.integers(0, n_seeds, size=(resamples, n_seeds, 1))
+    picked_rows = rng.integers(0, n_rows, size=(resamples, 1, n_rows))
+    means = diff[picked_seeds, picked_rows].mean(axis=(1, 2))
     low, high = np.percentile(means, [2.5, 97.5])
-    return {"change": float(diff.mean()), "ci": [float(low), float(high)], "verdict": verdict(low, high)}
+    return {"change": float(diff.mean()), "ci": [float(low), float(high)], "verdict": verdict(low, high),
+            "seeds": len(seeds)}
 
 
 def verdict(low: float, high: float) -> str:
@@ -333,6 +341,16 @@ def verdict(low: float, high: float) -> str:
     return "no clear difference"
 
 
+def compare_all(results: list[dict]) -> list[dict]:
+    """Every arm's change against its spec's first arm, computed again (as --show prints earlier runs)."""
+    for result in results:
+        for arm in result["arms"][1:]:
+            for figures in arm["sets"]:
+                figures.pop("vs_base", None)
+            compare(arm, result["arms"][0])
+    return results
+
+
 def compare(arm: dict, base: dict) -> None:
     """Adds each set's change against the base (same set name, same rows) to the arm's figures."""
     by_name = {s["name"]: s for s in base["sets"]}
@@ -340,8 +358,9 @@ def compare(arm: dict, base: dict) -> None:
         other = by_name.get(figures["name"])
         if other is None or figures["own_split"] or not figures["teacher_accuracy"]:
             continue
-        mine, theirs = row_means(figures["correct_by_seed"]), row_means(other["correct_by_seed"])
-        if mine is None or theirs is None or len(mine) != len(theirs):
+        mine, theirs = seed_rows(figures["correct_by_seed"]), seed_rows(other["correct_by_seed"])
+        if mine is None or theirs is None or not set(mine) & set(theirs) or \
+                len(next(iter(mine.values()))) != len(next(iter(theirs.values()))):
             continue
         figures["vs_base"] = paired_change(mine, theirs, figures["teacher_accuracy"])
 
@@ -432,7 +451,8 @@ def markdown(results: list[dict]) -> str:
         lines.append("")
     lines.append("accuracy: mean over seeds [95% Wilson interval, averaged over seeds] (min–max over seeds); "
                  "retention: student / teacher accuracy on the same rows [95% paired bootstrap, averaged over seeds]; "
-                 "vs base: change in retention, points [95% paired bootstrap over rows, each row averaged over seeds]; "
+                 "vs base: change in retention, points [95% paired bootstrap over seeds, then rows; "
+                 "each seed paired with the base's]; "
                  "a verdict of gain or loss only where that interval excludes 0.")
     return "\n".join(lines)
 
@@ -467,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     console = Console(width=200) if not Console().is_terminal else Console()
     if args.show:
-        print(markdown([spec for path in args.show for spec in json.loads(path.read_text())["specs"]]))
+        print(markdown(compare_all([spec for path in args.show for spec in json.loads(path.read_text())["specs"]])))
         return
     paths = args.spec or [Path(p) for p in DEFAULT_SPECS]
     if args.jobs > 1 and len(paths) > 1:

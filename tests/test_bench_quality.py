@@ -18,21 +18,42 @@ def quality():
 
 
 def test_a_change_counts_as_a_gain_only_when_its_interval_excludes_zero(quality):
-    base = np.array([1.0] * 20 + [0.0] * 20)
-    better = np.array([1.0] * 36 + [0.0] * 4)
+    base = {"0": np.array([1.0] * 20 + [0.0] * 20)}
+    better = {"0": np.array([1.0] * 36 + [0.0] * 4)}
     gained = quality.paired_change(better, base, teacher_accuracy=0.8)
     assert gained["change"] == pytest.approx((36 - 20) / 40 / 0.8)
     assert gained["ci"][0] > 0 and gained["verdict"] == "gain"
     assert quality.paired_change(base, better, teacher_accuracy=0.8)["verdict"] == "loss"
     # One row moved either way: nothing to claim.
-    shuffled = base.copy()
+    shuffled = base["0"].copy()
     shuffled[[0, 39]] = shuffled[[39, 0]]
-    assert quality.paired_change(shuffled, base, teacher_accuracy=1.0)["verdict"] == "no clear difference"
+    assert quality.paired_change({"0": shuffled}, base, teacher_accuracy=1.0)["verdict"] == "no clear difference"
 
 
-def test_rows_are_averaged_over_seeds_only_when_the_seeds_scored_the_same_rows(quality):
-    assert list(quality.row_means({"0": "110", "1": "100"})) == [1.0, 0.5, 0.0]
-    assert quality.row_means({"0": "11", "1": "100"}) is None
+def test_seeds_that_disagree_widen_the_interval(quality):
+    # Two of three seeds gain 40 points and one loses 40: averaged over seeds the rows show a gain (13 points expected)
+    # on 200 rows, but another draw of seeds could as well show a loss.
+    rng = np.random.default_rng(1)
+    base = {s: (rng.random(200) < 0.5).astype(float) for s in "012"}
+    arm = {"0": np.maximum(base["0"], rng.random(200) < 0.8), "1": np.maximum(base["1"], rng.random(200) < 0.8),
+           "2": np.minimum(base["2"], rng.random(200) < 0.2)}
+    split = quality.paired_change(arm, base, teacher_accuracy=1.0)
+    assert split["change"] > 0.05 and split["ci"][0] < 0 and split["verdict"] == "no clear difference"
+    # Resampling the rows of the seeds' mean alone would have called it a gain.
+    averaged = quality.paired_change({"mean": np.mean(list(arm.values()), axis=0)},
+                                     {"mean": np.mean(list(base.values()), axis=0)}, teacher_accuracy=1.0)
+    assert averaged["verdict"] == "gain"
+    # The same gain in every seed is a gain.
+    agreed = {s: np.maximum(base[s], rng.random(200) < 0.8) for s in "012"}
+    assert quality.paired_change(agreed, base, teacher_accuracy=1.0)["verdict"] == "gain"
+    # Seeds are paired by name: only the seeds both ran count.
+    assert quality.paired_change({**agreed, "9": arm["2"]}, base, teacher_accuracy=1.0)["seeds"] == 3
+
+
+def test_rows_are_paired_by_seed_only_when_the_seeds_scored_the_same_rows(quality):
+    rows = quality.seed_rows({"0": "110", "1": "100"})
+    assert {seed: list(r) for seed, r in rows.items()} == {"0": [1.0, 1.0, 0.0], "1": [1.0, 0.0, 0.0]}
+    assert quality.seed_rows({"0": "11", "1": "100"}) is None
 
 
 def test_equal_quotas_caps_each_category_at_the_base_count(quality):
