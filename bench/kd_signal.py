@@ -51,7 +51,8 @@ per response token, measured from the version's Parquet files: the compressed si
 topk_logprobs column chunks (pyarrow metadata, scaled by live rows for shared files) over the response
 tokens (sum of token_ids lengths), beside the uncompressed size and the raw 6 bytes x k (int32 id + float16
 log-prob per slot). The verdict says which arm wins and by how much only where the paired interval excludes
-0; otherwise "no clear difference".
+0; otherwise "no clear difference". Under each table, sampled20 against its control top20-T1 (CONTROLS), with the
+same interval.
 
 Cost (2 shared cores, SYLLABUS_THREADS=1). The quick test's tiny random teacher is the student's size, so its
 per-step figures give only the shape: there online took 1.6-2.2x the stored step and on-policy 2.6-3.3x
@@ -277,6 +278,32 @@ def winner(result: dict) -> str:
             f"[{100 * vs['ci'][0]:+.1f}, {100 * vs['ci'][1]:+.1f}] over stored top-20.")
 
 
+# An arm that changes two things at once is also compared with the arm that changes only the second: sampled
+# targets train at T = 1, so draws against top-k is sampled20 against top20-T1, not against top20.
+CONTROLS = {"sampled20": "top20-T1"}
+
+
+def against_controls(result: dict) -> list[str]:
+    """One line per arm with a control in this result: its change against the control, set by set."""
+    by_name = {arm["arm"]: arm for arm in result["arms"]}
+    lines = []
+    for name, control_name in CONTROLS.items():
+        arm, control = by_name.get(name), by_name.get(control_name)
+        if arm is None or control is None:
+            continue
+        theirs = {s["name"]: s for s in control["sets"]}
+        said = []
+        for figures in arm["sets"]:
+            other = theirs.get(figures["name"])
+            vs = None if other is None else quality.change_between(figures, other)
+            if vs is not None:
+                said.append(f"{quality.set_label(figures['name'])} {100 * vs['change']:+.1f} "
+                            f"[{100 * vs['ci'][0]:+.1f}, {100 * vs['ci'][1]:+.1f}] {vs['verdict']}")
+        if said:
+            lines.append(f"{name} against its control {control_name}: " + "; ".join(said) + ".")
+    return lines
+
+
 def _bytes_cell(arm: dict) -> str:
     b = arm["bytes"]
     if not arm["reads_stored_targets"]:
@@ -323,7 +350,7 @@ def markdown(results: list[dict]) -> str:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for arm in result["arms"]:
             lines.append("| " + " | ".join(_row(arm, reference, shared)) + " |")
-        lines += ["", winner(result), ""]
+        lines += ["", winner(result), *against_controls(result), ""]
     lines.append("retention: student / teacher accuracy on the same rows, mean over seeds [95% interval averaged "
                  "over seeds] (min–max over seeds); vs top-20: change in retention, points [95% paired bootstrap "
                  "over seeds, then rows; each seed paired with top-20's]; s/step: median over seeds of the "

@@ -351,18 +351,26 @@ def compare_all(results: list[dict]) -> list[dict]:
     return results
 
 
+def change_between(figures: dict, other: dict) -> dict | None:
+    """One set's change in retention from `other` to `figures` (paired_change), or None where the two runs
+    cannot be paired: an arm's own split, no teacher accuracy, no common seed or other rows."""
+    if figures["own_split"] or not figures["teacher_accuracy"]:
+        return None
+    mine, theirs = seed_rows(figures["correct_by_seed"]), seed_rows(other["correct_by_seed"])
+    if mine is None or theirs is None or not set(mine) & set(theirs) or \
+            len(next(iter(mine.values()))) != len(next(iter(theirs.values()))):
+        return None
+    return paired_change(mine, theirs, figures["teacher_accuracy"])
+
+
 def compare(arm: dict, base: dict) -> None:
     """Adds each set's change against the base (same set name, same rows) to the arm's figures."""
     by_name = {s["name"]: s for s in base["sets"]}
     for figures in arm["sets"]:
         other = by_name.get(figures["name"])
-        if other is None or figures["own_split"] or not figures["teacher_accuracy"]:
-            continue
-        mine, theirs = seed_rows(figures["correct_by_seed"]), seed_rows(other["correct_by_seed"])
-        if mine is None or theirs is None or not set(mine) & set(theirs) or \
-                len(next(iter(mine.values()))) != len(next(iter(theirs.values()))):
-            continue
-        figures["vs_base"] = paired_change(mine, theirs, figures["teacher_accuracy"])
+        change = None if other is None else change_between(figures, other)
+        if change is not None:
+            figures["vs_base"] = change
 
 
 # --- one spec ---------------------------------------------------------------------------------

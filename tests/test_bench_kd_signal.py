@@ -76,6 +76,11 @@ def test_quick_run_has_every_signal_at_equal_steps_on_the_same_rows(kd_signal, p
     table = out.with_suffix(".md").read_text()
     for name in ARMS:
         assert f"| {name}: " in table
+    # Sampled targets train at T = 1: the table also compares them with stored top-20 at T = 1, seed by seed.
+    first = lambda arm: next(s for s in arms[arm]["sets"] if s["name"] == shared[0][0])  # noqa: E731
+    control = kd_signal.quality.change_between(first("sampled20"), first("top20-T1"))
+    assert f"sampled20 against its control top20-T1: {kd_signal.quality.set_label(shared[0][0])} " \
+           f"{100 * control['change']:+.1f} [{100 * control['ci'][0]:+.1f}" in table
     assert table in capsys.readouterr().out
     kd_signal.main(["--show", str(out)])
     assert capsys.readouterr().out.strip() == table.strip()
