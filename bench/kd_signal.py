@@ -354,8 +354,8 @@ def markdown(results: list[dict]) -> str:
     lines.append("retention: student / teacher accuracy on the same rows, mean over seeds [95% interval averaged "
                  "over seeds] (min–max over seeds); vs top-20: change in retention, points [95% paired bootstrap "
                  "over seeds, then rows; each seed paired with top-20's]; s/step: median over seeds of the "
-                 "student's step + the "
-                 "teacher's forwards + on-policy sampling and scoring, per optimizer step (xN: against top-20); "
+                 "student's step + the teacher's forwards + on-policy sampling and scoring, per optimizer step "
+                 "(xN: against top-20); "
                  "peak memory: host RSS high-water mark of the arm's training (+growth over the RSS at its start); "
                  "bytes/token: topk_ids + topk_logprobs of the version's examples, zstd Parquet, per response token "
                  "(raw: 6 bytes x k).")

@@ -29,8 +29,7 @@ out from curation). Per arm and set: accuracy and retention (student / teacher a
 rows) as the mean over seeds with the 95% interval averaged over seeds and the min-max over seeds;
 and against the base, the change in retention with a 95% two-level paired bootstrap interval (each seed's
 run paired with the base's run of that seed; seeds resampled, then rows: a seed that collapses widens it).
-The verdict says "gain" or "loss" only where that
-interval excludes 0, and "no clear difference" otherwise.
+The verdict says "gain" or "loss" only where that interval excludes 0, and "no clear difference" otherwise.
 
 Output: a JSON file of every figure (out/bench/quality-TIME.json) and a markdown table, printed and
 written beside it. --quick: seeds 0 and 1, at most QUICK_STEPS steps, small calibration, the first
