@@ -297,8 +297,7 @@ def against_controls(result: dict) -> list[str]:
             other = theirs.get(figures["name"])
             vs = None if other is None else quality.change_between(figures, other)
             if vs is not None:
-                said.append(f"{quality.set_label(figures['name'])} {100 * vs['change']:+.1f} "
-                            f"[{100 * vs['ci'][0]:+.1f}, {100 * vs['ci'][1]:+.1f}] {vs['verdict']}")
+                said.append(f"{quality.set_label(figures['name'])} {quality.format_change(vs)}")
         if said:
             lines.append(f"{name} against its control {control_name}: " + "; ".join(said) + ".")
     return lines

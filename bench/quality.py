@@ -413,11 +413,14 @@ def _figure(fig: dict) -> str:
     return text
 
 
+def format_change(vs: dict) -> str:
+    """A paired_change as the tables print it: points [interval] verdict."""
+    return f"{100 * vs['change']:+.1f} [{100 * vs['ci'][0]:+.1f}, {100 * vs['ci'][1]:+.1f}] {vs['verdict']}"
+
+
 def _change(figures: dict) -> str:
     vs = figures.get("vs_base")
-    if not vs:
-        return "–"
-    return f"{100 * vs['change']:+.1f} [{100 * vs['ci'][0]:+.1f}, {100 * vs['ci'][1]:+.1f}] {vs['verdict']}"
+    return format_change(vs) if vs else "–"
 
 
 def set_label(name: str) -> str:

@@ -80,7 +80,7 @@ def test_quick_run_has_every_signal_at_equal_steps_on_the_same_rows(kd_signal, p
     first = lambda arm: next(s for s in arms[arm]["sets"] if s["name"] == shared[0][0])  # noqa: E731
     control = kd_signal.quality.change_between(first("sampled20"), first("top20-T1"))
     assert f"sampled20 against its control top20-T1: {kd_signal.quality.set_label(shared[0][0])} " \
-           f"{100 * control['change']:+.1f} [{100 * control['ci'][0]:+.1f}" in table
+           f"{kd_signal.quality.format_change(control)}" in table
     assert table in capsys.readouterr().out
     kd_signal.main(["--show", str(out)])
     assert capsys.readouterr().out.strip() == table.strip()

@@ -227,8 +227,10 @@ def evaluate_sets(spec: Spec, sets: list[EvalSet], students: list[StudentRun], *
                                                          teacher_reads):
             scores = score(answers, gold, cats, s.labels)
             teacher_scores.append(scores)
-            kl = skip_token_kl(s.rows, batch, tick) if sampled else mean_token_kl(teacher, tokenizer, s.rows, reads,
-                                                                                   batch, tick)
+            if sampled:
+                kl = skip_token_kl(s.rows, batch, tick)
+            else:
+                kl = mean_token_kl(teacher, tokenizer, s.rows, reads, batch, tick)
             report["models"].append(_row(spec.teacher.model, "teacher", None, s, size, scores, kl, report["baseline"],
                                          retention=1.0 if scores["accuracy"] else None, retention_ci=None))
         del teacher
